@@ -1,0 +1,103 @@
+# MoCo pretraining -> conversion -> detectron2 transfer -> results tables.
+# Every target installs what it needs first (make setup, idempotent). `make help` lists them.
+
+VENV     ?= .venv
+PYTHON   ?= $(VENV)/bin/python
+STAMP    := $(VENV)/.setup-stamp
+export PYTHONUNBUFFERED := 1
+
+# pretraining
+DATA       ?=
+OUTPUT     ?=
+ARCH       ?=
+VERSION    ?= v2
+EPOCHS     ?=
+BATCH_SIZE ?=
+ARGS       ?=
+# conversion
+CKPT ?=
+# transfer
+TASK     ?=
+WEIGHTS  ?= random
+SEED     ?= 0
+SCALE    ?= full
+NUM_GPUS ?= 1
+DRY_RUN  ?=
+# suite / results
+TASKS ?=
+SEEDS ?= 1
+RUNS  ?= runs
+OUT   ?= results/out
+
+.PHONY: help setup doctor test bench pretrain lincls supervised convert transfer tasks suite results demo clean
+
+# List the targets and the transfer tasks.
+help: $(STAMP)
+	@awk '/^# /{c=substr($$0,3)} /^[a-z]+:/{split($$0,a,":"); if (c!="") printf "  make %-11s %s\n", a[1], c; c=""}' Makefile
+	@$(PYTHON) -m transfer.tasks
+
+# Create $(VENV) and install everything pinned (torch, detectron2 v0.6 pure-Python, ...).
+setup: $(STAMP)
+$(STAMP): requirements.txt pyproject.toml transfer/install_detectron2.py
+	test -x $(PYTHON) || python3 -m venv $(VENV)
+	$(PYTHON) -m pip install -q -r requirements.txt
+	$(PYTHON) transfer/install_detectron2.py
+	$(PYTHON) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+# Report versions, compiled ops, CUDA, datasets found and which tasks can run.
+doctor: $(STAMP)
+	$(PYTHON) -m transfer.doctor
+
+# Run the whole test suite on CPU.
+test: $(STAMP)
+	$(PYTHON) -m pytest -q tests
+
+# Benchmarks (pretraining throughput, harness overhead, converter, results) -> BENCHMARKS.md.
+bench: $(STAMP)
+	$(PYTHON) -m pretrain.bench --out BENCHMARKS.md $(ARGS)
+
+# MoCo pretraining (DATA=folder; without DATA: the embedded synthetic data, small schedule).
+pretrain: $(STAMP)
+	$(PYTHON) -m pretrain.main_moco $(if $(DATA),--data $(DATA)) $(if $(OUTPUT),--output $(OUTPUT)) \
+	  $(if $(ARCH),--arch $(ARCH)) --version $(VERSION) $(if $(EPOCHS),--epochs $(EPOCHS)) \
+	  $(if $(BATCH_SIZE),--batch-size $(BATCH_SIZE)) $(ARGS)
+
+# Linear classification on frozen features (DATA=labeled folder, CKPT=pretrained checkpoint).
+lincls: $(STAMP)
+	$(PYTHON) -m pretrain.main_lincls --data $(DATA) --pretrained $(CKPT) $(if $(OUTPUT),--output $(OUTPUT)) $(ARGS)
+
+# Supervised baseline with the same recipe on a labeled folder.
+supervised: $(STAMP)
+	$(PYTHON) -m pretrain.main_supervised $(if $(DATA),--data $(DATA)) $(if $(OUTPUT),--output $(OUTPUT)) \
+	  $(if $(ARCH),--arch $(ARCH)) $(if $(EPOCHS),--epochs $(EPOCHS)) $(ARGS)
+
+# Convert a checkpoint (CKPT=...) to detectron2's format.
+convert: $(STAMP)
+	$(PYTHON) convert/to_detectron2.py $(CKPT) $(ARGS)
+
+# Fine-tune and evaluate one task: TASK=name WEIGHTS=<.pkl|supervised|random> SEED SCALE NUM_GPUS.
+transfer: $(STAMP)
+	$(PYTHON) -m transfer.train_net --task $(TASK) --weights $(WEIGHTS) --seed $(SEED) \
+	  --scale $(SCALE) --num-gpus $(NUM_GPUS) $(if $(OUTPUT),--output $(OUTPUT)) \
+	  $(if $(DRY_RUN),--dry-run) $(ARGS)
+
+# List the tasks and the paper table each reproduces.
+tasks: $(STAMP)
+	$(PYTHON) -m transfer.tasks
+
+# Plan and run every TASKS x WEIGHTS x SEEDS run (skips complete ones, resumes the rest).
+suite: $(STAMP)
+	$(PYTHON) -m results.suite --tasks "$(TASKS)" --weights "$(WEIGHTS)" --seeds $(SEEDS) \
+	  --scale $(SCALE) --runs $(RUNS) $(if $(DRY_RUN),--dry-run) $(ARGS)
+
+# Collate the runs under RUNS into the paper's tables and an HTML report under OUT.
+results: $(STAMP)
+	$(PYTHON) -m results --runs $(RUNS) --out $(OUT) $(ARGS)
+
+# The whole pipeline on generated data, on a CPU, in minutes.
+demo: $(STAMP)
+	$(PYTHON) -m transfer.demo $(ARGS)
+
+clean:
+	rm -rf $(VENV) demo_out

@@ -1,0 +1,156 @@
+"""MoCo: a query encoder, a momentum key encoder, a queue of keys and the InfoNCE logits.
+
+Shuffle BN comes in two forms:
+- under torch.distributed, keys are computed on a batch shuffled across processes and then
+  unshuffled, as in the reference code;
+- on one process, every BatchNorm computes its statistics on `num_splits` interleaved groups
+  of the batch (``SplitBatchNorm``), as N GPUs would, and the key encoder sees the batch shuffled
+  before grouping; a query and its own key share statistics only by chance (1/N), as with DDP.
+"""
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class SplitBatchNorm(nn.BatchNorm2d):
+    """BatchNorm whose training statistics are computed per group of samples.
+
+    Sample n belongs to group n % num_splits. Running statistics are the mean over groups, as
+    averaging the per-GPU running stats would be (the reference code saves rank 0's).
+    """
+
+    def __init__(self, num_features, num_splits, **kw):
+        super().__init__(num_features, **kw)
+        self.num_splits = num_splits
+
+    def forward(self, x):
+        n, c, h, w = x.shape
+        if not self.training or self.num_splits == 1:
+            return super().forward(x)
+        if n % self.num_splits:
+            raise ValueError(f"batch {n} is not divisible by shuffle-BN groups {self.num_splits}")
+        g = self.num_splits
+        mean_split = self.running_mean.repeat(g)
+        var_split = self.running_var.repeat(g)
+        if self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+        out = F.batch_norm(
+            x.reshape(-1, c * g, h, w), mean_split, var_split,
+            self.weight.repeat(g), self.bias.repeat(g), True, self.momentum, self.eps,
+        ).reshape(n, c, h, w)
+        self.running_mean.copy_(mean_split.view(g, c).mean(0))
+        self.running_var.copy_(var_split.view(g, c).mean(0))
+        return out
+
+
+def split_bn_norm_layer(num_splits):
+    def norm(num_features):
+        return SplitBatchNorm(num_features, num_splits)
+
+    return norm
+
+
+class MoCo(nn.Module):
+    """
+    Args:
+        base_encoder: callable(num_classes=..., norm_layer=...) returning a torchvision ResNet
+        dim: feature dimension (default 128)
+        K: queue size, number of negative keys (default 65536)
+        m: momentum of the key encoder update (default 0.999)
+        T: softmax temperature (default 0.07; 0.2 for v2)
+        mlp: replace fc by a 2-layer MLP head (v2)
+        num_splits: BN groups emulating shuffle BN on one process (1 under DDP)
+    """
+
+    def __init__(self, base_encoder, dim=128, K=65536, m=0.999, T=0.07, mlp=False, num_splits=1):
+        super().__init__()
+        self.K, self.m, self.T = K, m, T
+        norm = split_bn_norm_layer(num_splits) if num_splits > 1 else nn.BatchNorm2d
+        self.num_splits = num_splits
+        self.encoder_q = base_encoder(num_classes=dim, norm_layer=norm)
+        self.encoder_k = base_encoder(num_classes=dim, norm_layer=norm)
+        if mlp:
+            for enc in (self.encoder_q, self.encoder_k):
+                hidden = enc.fc.weight.shape[1]
+                enc.fc = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), enc.fc)
+        for p_q, p_k in zip(self.encoder_q.parameters(), self.encoder_k.parameters()):
+            p_k.data.copy_(p_q.data)
+            p_k.requires_grad = False
+        self.register_buffer("queue", F.normalize(torch.randn(dim, K), dim=0))
+        self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+
+    @torch.no_grad()
+    def _momentum_update_key_encoder(self):
+        for p_q, p_k in zip(self.encoder_q.parameters(), self.encoder_k.parameters()):
+            p_k.data.mul_(self.m).add_(p_q.data, alpha=1.0 - self.m)
+
+    @torch.no_grad()
+    def _dequeue_and_enqueue(self, keys):
+        keys = concat_all_gather(keys)
+        batch_size = keys.shape[0]
+        ptr = int(self.queue_ptr)
+        if self.K % batch_size:
+            raise ValueError(f"queue size K={self.K} must be a multiple of the batch {batch_size}")
+        self.queue[:, ptr:ptr + batch_size] = keys.T.to(self.queue.dtype)
+        self.queue_ptr[0] = (ptr + batch_size) % self.K
+
+    @torch.no_grad()
+    def _batch_shuffle_ddp(self, x, generator=None):
+        """Shuffle the global batch across processes; returns (local shard, undo index)."""
+        batch_size_this = x.shape[0]
+        x_gather = concat_all_gather(x)
+        num_gpus = x_gather.shape[0] // batch_size_this
+        idx_shuffle = torch.randperm(x_gather.shape[0], generator=generator).to(x.device)
+        dist.broadcast(idx_shuffle, src=0)
+        idx_unshuffle = torch.argsort(idx_shuffle)
+        gpu_idx = dist.get_rank()
+        idx_this = idx_shuffle.view(num_gpus, -1)[gpu_idx]
+        return x_gather[idx_this], idx_unshuffle
+
+    @torch.no_grad()
+    def _batch_unshuffle_ddp(self, x, idx_unshuffle):
+        batch_size_this = x.shape[0]
+        x_gather = concat_all_gather(x)
+        num_gpus = x_gather.shape[0] // batch_size_this
+        gpu_idx = dist.get_rank()
+        idx_this = idx_unshuffle.view(num_gpus, -1)[gpu_idx]
+        return x_gather[idx_this]
+
+    @torch.no_grad()
+    def compute_keys(self, im_k, generator=None):
+        if is_distributed():
+            im_k, idx_unshuffle = self._batch_shuffle_ddp(im_k, generator)
+            k = F.normalize(self.encoder_k(im_k), dim=1)
+            return self._batch_unshuffle_ddp(k, idx_unshuffle)
+        idx_shuffle = torch.randperm(im_k.shape[0], generator=generator).to(im_k.device)
+        k = F.normalize(self.encoder_k(im_k[idx_shuffle]), dim=1)
+        return k[torch.argsort(idx_shuffle)]
+
+    def forward(self, im_q, im_k, generator=None):
+        """Returns (logits, labels): logits[:, 0] is the positive, labels are all 0."""
+        q = F.normalize(self.encoder_q(im_q), dim=1)
+        with torch.no_grad():
+            self._momentum_update_key_encoder()
+            k = self.compute_keys(im_k, generator)
+        q, k = q.float(), k.float()
+        l_pos = torch.einsum("nc,nc->n", q, k).unsqueeze(-1)
+        l_neg = torch.einsum("nc,ck->nk", q, self.queue.clone().detach())
+        logits = torch.cat([l_pos, l_neg], dim=1) / self.T
+        labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+        self._dequeue_and_enqueue(k)
+        return logits, labels
+
+
+def is_distributed():
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+@torch.no_grad()
+def concat_all_gather(tensor):
+    """all_gather without gradient; identity on one process."""
+    if not is_distributed():
+        return tensor
+    out = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, tensor.contiguous())
+    return torch.cat(out, dim=0)

@@ -1,0 +1,188 @@
+"""Pieces shared by the pretraining entry points: processes, precision, checkpoints, progress."""
+import datetime
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger("pretrain")
+
+
+# ---------------------------------------------------------------- processes
+def init_distributed():
+    """Join the process group torchrun/submitit describe in the environment.
+
+    Returns (rank, world_size, local_rank); (0, 1, 0) for a single process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, 0
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group(backend=backend)
+    return rank, world, local_rank
+
+
+def setup_logging(output_dir, rank):
+    fmt = logging.Formatter("[%(asctime)s %(name)s] %(message)s", "%m/%d %H:%M:%S")
+    root = logging.getLogger()
+    root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    h = logging.StreamHandler(sys.stdout)
+    h.setFormatter(fmt)
+    root.addHandler(h)
+    if rank == 0 and output_dir:
+        os.makedirs(output_dir, exist_ok=True)
+        fh = logging.FileHandler(os.path.join(output_dir, "log.txt"))
+        fh.setFormatter(fmt)
+        root.addHandler(fh)
+
+
+def git_sha():
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        sha = subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=here,
+                                      stderr=subprocess.DEVNULL).decode().strip()
+        dirty = subprocess.call(["git", "diff", "--quiet", "HEAD"], cwd=here,
+                                stderr=subprocess.DEVNULL)
+        return sha + ("-dirty" if dirty else "")
+    except Exception:
+        return "unknown"
+
+
+# ---------------------------------------------------------------- precision
+def cpu_has_fast_bf16():
+    """True where the CPU has native bf16 matrix units (AMX or AVX512-BF16)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+        return " amx_bf16" in flags or " avx512_bf16" in flags
+    except OSError:
+        return False
+
+
+def resolve_precision(precision, device):
+    """'auto' -> bf16 on CUDA with bf16 support and on CPUs with fast bf16, else fp16 on CUDA,
+    else fp32. Returns (autocast dtype or None, needs GradScaler, channels_last)."""
+    if precision == "auto":
+        if device.type == "cuda":
+            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            precision = "bf16" if cpu_has_fast_bf16() else "fp32"
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    if dtype == torch.float16 and device.type != "cuda":
+        raise ValueError("fp16 autocast is for GPUs; use --precision bf16 or fp32 on a CPU")
+    channels_last = dtype is not None
+    return precision, dtype, dtype == torch.float16, channels_last
+
+
+# ---------------------------------------------------------------- checkpoints
+def save_atomic(obj, path):
+    """torch.save to a temporary file in the same folder, then rename: never half-written."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".pth")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def latest_checkpoint(output_dir):
+    path = os.path.join(output_dir, "checkpoint_last.pth.tar")
+    return path if os.path.isfile(path) else None
+
+
+def rng_state():
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------- progress
+class Progress:
+    """Logs iteration, metrics, lr, img/s and ETA; writes JSON lines and TensorBoard scalars."""
+
+    def __init__(self, output_dir, total_iters, start_iter, rank, print_freq=10):
+        self.total, self.start, self.print_freq = total_iters, start_iter, print_freq
+        self.rank = rank
+        self.t0 = self.t_last = time.time()
+        self.images = 0
+        self.json = None
+        self.tb = None
+        if rank == 0 and output_dir:
+            self.json = open(os.path.join(output_dir, "metrics.json"), "a")
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(os.path.join(output_dir, "tb"))
+            except Exception as e:  # tensorboard missing: log files still work
+                logger.warning("TensorBoard disabled: %s", e)
+
+    def step(self, it, epoch, batch_images, **metrics):
+        self.images += batch_images
+        done = it + 1
+        if self.rank != 0 or (done % self.print_freq and done != self.total):
+            return
+        now = time.time()
+        rate = self.images / max(now - self.t_last, 1e-9)
+        elapsed = now - self.t0
+        eta = elapsed / max(done - self.start, 1) * (self.total - done)
+        record = {"iteration": done, "epoch": epoch, "img_per_s": rate,
+                  "eta_s": eta, **metrics}
+        msg = "  ".join(f"{k}: {v:.4g}" if isinstance(v, float) else f"{k}: {v}"
+                        for k, v in metrics.items())
+        logger.info("epoch %d  iter %d/%d  %s  img/s: %.1f  eta: %s", epoch, done, self.total,
+                    msg, rate, datetime.timedelta(seconds=int(eta)))
+        if self.json:
+            self.json.write(json.dumps(record) + "\n")
+            self.json.flush()
+        if self.tb:
+            for k, v in metrics.items():
+                self.tb.add_scalar(f"train/{k}", v, done)
+            self.tb.add_scalar("train/img_per_s", rate, done)
+        self.images, self.t_last = 0, now
+
+    def close(self):
+        if self.json:
+            self.json.close()
+        if self.tb:
+            self.tb.close()
+
+
+def adjust_learning_rate(optimizer, base_lr, epoch, epochs, cos, schedule):
+    """Per-epoch lr of the reference code: cosine, or x0.1 at each milestone."""
+    import math
+
+    if cos:
+        lr = base_lr * 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
+    else:
+        lr = base_lr * (0.1 ** sum(epoch >= m for m in schedule))
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+def accuracy(output, target, topk=(1,)):
+    with torch.no_grad():
+        maxk = max(topk)
+        _, pred = output.topk(maxk, 1, True, True)
+        correct = pred.t().eq(target.view(1, -1))
+        return [correct[:k].reshape(-1).float().sum().item() * 100.0 / target.shape[0] for k in topk]

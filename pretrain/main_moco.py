@@ -1,0 +1,260 @@
+"""MoCo v1/v2 pretraining.
+
+One process (CPU or one GPU):   python -m pretrain.main_moco --data /path/to/imagenet/train
+Several GPUs on one node:       torchrun --nproc_per_node 8 -m pretrain.main_moco --data ...
+SLURM cluster:                  python -m pretrain.submit --nodes 1 --gpus-per-node 8 --data ...
+No --data: the embedded synthetic dataset and a small schedule that finishes on a CPU in minutes.
+
+Defaults are the paper's recipe (PROTOCOL.md section 1): ResNet-50, K=65536, m=0.999, SGD lr 0.03
+per 256 images (scaled linearly with the batch), wd 1e-4, 200 epochs; v1: T=0.07, steps at 120
+and 160; v2: MLP head, aug+, T=0.2, cosine schedule. Checkpoints are the reference format
+({epoch, arch, state_dict: module.encoder_q.*, module.encoder_k.*, module.queue,
+module.queue_ptr, optimizer}) plus what an exact resume needs.
+"""
+import argparse
+import json
+import logging
+import os
+import time
+
+import torch
+import torch.nn as nn
+import torchvision
+
+from pretrain import engine, loader
+from pretrain.builder import MoCo
+
+logger = logging.getLogger("pretrain")
+
+EMBEDDED_DEFAULTS = dict(arch="resnet18", epochs=6, batch_size=64, moco_k=4096, image_size=64,
+                         schedule=[4, 5], shuffle_groups=4, workers=2)
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser("MoCo pretraining", add_help=True)
+    p.add_argument("--data", default="", help="image folder (ImageFolder tree or flat); "
+                   "empty: the embedded synthetic dataset with a small schedule")
+    p.add_argument("--output", default="", help="run directory (default: runs/pretrain/<name>)")
+    p.add_argument("--arch", default=None, help="any torchvision ResNet (default resnet50)")
+    p.add_argument("--version", choices=["v1", "v2"], default="v2")
+    p.add_argument("--epochs", type=int, default=None, help="default 200")
+    p.add_argument("--batch-size", type=int, default=None, help="global batch (default 256)")
+    p.add_argument("--lr", type=float, default=None, help="default 0.03 * batch / 256")
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--wd", type=float, default=1e-4)
+    p.add_argument("--schedule", type=int, nargs="*", default=None,
+                   help="epochs at which lr x0.1 (v1; default 120 160)")
+    p.add_argument("--cos", type=int, choices=[0, 1], default=None,
+                   help="cosine schedule (default: 1 for v2, 0 for v1)")
+    p.add_argument("--moco-dim", type=int, default=128)
+    p.add_argument("--moco-k", type=int, default=None, help="queue size (default 65536)")
+    p.add_argument("--moco-m", type=float, default=0.999)
+    p.add_argument("--moco-t", type=float, default=None, help="default 0.07 (v1), 0.2 (v2)")
+    p.add_argument("--image-size", type=int, default=None, help="crop size (default 224)")
+    p.add_argument("--shuffle-groups", type=int, default=None,
+                   help="one process: BN groups emulating shuffle BN on N GPUs (default 8)")
+    p.add_argument("--workers", type=int, default=None, help="data workers per process")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="auto: bf16 where fast (CPU with AMX/AVX512-BF16, recent GPUs), fp16 "
+                        "on older GPUs; fp32 turns mixed precision and channels_last off")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", default="", help="checkpoint to resume from (default: the run "
+                   "directory's checkpoint_last.pth.tar, if any)")
+    p.add_argument("--save-freq", type=int, default=10, help="keep checkpoint_XXXX every N epochs")
+    p.add_argument("--save-every-iters", type=int, default=0,
+                   help="also refresh checkpoint_last every N iterations (0: epoch ends only)")
+    p.add_argument("--max-iters", type=int, default=0,
+                   help="stop after this many iterations in total (tests, benchmarks)")
+    p.add_argument("--print-freq", type=int, default=10)
+    p.add_argument("--knn-data", default="", help="labeled folder for a kNN monitor")
+    p.add_argument("--knn-freq", type=int, default=0, help="run the kNN monitor every N epochs")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    return p
+
+
+def resolve_args(args):
+    """Fill paper defaults, or the embedded-default schedule when no --data is given."""
+    embedded = not args.data
+    base = dict(arch="resnet50", epochs=200, batch_size=256, moco_k=65536, image_size=224,
+                schedule=[120, 160], shuffle_groups=8, workers=8)
+    if embedded:
+        base.update(EMBEDDED_DEFAULTS)
+        from pretrain.synthetic import generate
+
+        args.data = os.path.join(generate(os.path.join("datasets", "synthetic")), "unlabeled")
+    for k, v in base.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    v2 = args.version == "v2"
+    args.mlp, args.aug_plus = v2, v2
+    if args.cos is None:
+        args.cos = int(v2)
+    if args.moco_t is None:
+        args.moco_t = 0.2 if v2 else 0.07
+    if args.lr is None:
+        args.lr = 0.03 * args.batch_size / 256
+    if not args.output:
+        args.output = os.path.join("runs", "pretrain",
+                                   f"moco_{args.version}_{args.arch}" + ("_embedded" * embedded))
+    args.embedded = embedded
+    return args
+
+
+def build_model(args, world_size):
+    arch = getattr(torchvision.models, args.arch, None)
+    if arch is None or not args.arch.startswith(("resnet", "wide_resnet", "resnext")):
+        raise SystemExit(f"--arch {args.arch}: not a torchvision ResNet")
+    groups = args.shuffle_groups if world_size == 1 else 1
+    return MoCo(arch, args.moco_dim, args.moco_k, args.moco_m, args.moco_t, args.mlp, groups)
+
+
+def checkpoint_dict(args, model, optimizer, scaler, epoch, iteration, batches_per_epoch, gen):
+    state = model.state_dict()
+    if not isinstance(model, nn.parallel.DistributedDataParallel):
+        state = {"module." + k: v for k, v in state.items()}  # the reference's DDP key names
+    return {
+        "epoch": epoch,  # completed epochs, as the reference writes it
+        "arch": args.arch,
+        "state_dict": state,
+        "optimizer": optimizer.state_dict(),
+        "iteration": iteration,
+        "batches_per_epoch": batches_per_epoch,
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "rng": engine.rng_state(),
+        "shuffle_generator": gen.get_state(),
+        "config": {k: v for k, v in vars(args).items()},
+        "format": "moco-transfer-moco",
+    }
+
+
+def load_state(model, state_dict):
+    if not isinstance(model, nn.parallel.DistributedDataParallel):
+        state_dict = {k[len("module."):]: v for k, v in state_dict.items()}
+    model.load_state_dict(state_dict)
+
+
+def main(args):
+    args = resolve_args(args)
+    rank, world, local_rank = engine.init_distributed()
+    engine.setup_logging(args.output, rank)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu")
+                          if args.device == "auto" else args.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+    precision, amp_dtype, use_scaler, channels_last = engine.resolve_precision(args.precision,
+                                                                                device)
+    if args.batch_size % world:
+        raise SystemExit(f"batch {args.batch_size} not divisible by {world} processes")
+    per_rank_batch = args.batch_size // world
+    torch.manual_seed(args.seed + rank)
+
+    model = build_model(args, world).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[local_rank] if device.type == "cuda" else None)
+    optimizer = torch.optim.SGD(model.parameters(), args.lr, momentum=args.momentum,
+                                weight_decay=args.wd)
+    scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+    gen = torch.Generator().manual_seed(args.seed * 31 + rank)  # key-batch shuffles
+
+    transform = loader.TwoCropsTransform(
+        loader.moco_augmentation("v2" if args.aug_plus else "v1", args.image_size))
+    dataset = loader.ImageFiles(args.data, transform, seed=args.seed)
+    sampler = loader.ResumableSampler(len(dataset), per_rank_batch, args.seed, rank, world)
+    bpe = sampler.batches_per_epoch
+    total_iters = bpe * args.epochs
+    if args.max_iters:
+        total_iters = min(total_iters, args.max_iters)
+
+    start_iter = 0
+    resume = args.resume or engine.latest_checkpoint(args.output)
+    if resume:
+        ckpt = torch.load(resume, map_location="cpu", weights_only=False)
+        load_state(model, ckpt["state_dict"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if scaler is not None and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        engine.set_rng_state(ckpt["rng"])
+        gen.set_state(ckpt["shuffle_generator"])
+        start_iter = ckpt.get("iteration", ckpt["epoch"] * bpe)
+        logger.info("resumed from %s at iteration %d (epoch %d)", resume, start_iter,
+                    start_iter // bpe)
+
+    if rank == 0:
+        effective = {**vars(args), "world_size": world, "per_process_batch": per_rank_batch,
+                     "precision": precision, "channels_last": channels_last,
+                     "device": str(device), "images": len(dataset), "iters_per_epoch": bpe,
+                     "total_iters": total_iters, "git_sha": engine.git_sha()}
+        if args.embedded:
+            logger.info("no --data given: running on the EMBEDDED synthetic dataset with a "
+                        "small schedule (a demonstration, not the paper's recipe)")
+        logger.info("MoCo %s pretraining, resolved settings:\n%s", args.version,
+                    "\n".join(f"  {k:>18}: {v}" for k, v in sorted(effective.items())))
+        with open(os.path.join(args.output, "config.json"), "w") as f:
+            json.dump(effective, f, indent=1, default=str)
+
+    criterion = nn.CrossEntropyLoss()
+    progress = engine.Progress(args.output, total_iters, start_iter, rank, args.print_freq)
+    it = start_iter
+    model.train()
+    while it < total_iters:
+        epoch, start_batch = divmod(it, bpe)
+        lr = engine.adjust_learning_rate(optimizer, args.lr, epoch, args.epochs, args.cos,
+                                         args.schedule)
+        dataset.set_epoch(epoch)
+        sampler.set_epoch(epoch, start_batch)
+        data = torch.utils.data.DataLoader(
+            dataset, batch_size=per_rank_batch, sampler=sampler, num_workers=args.workers,
+            pin_memory=device.type == "cuda", drop_last=True,
+            persistent_workers=False)
+        for (im_q, im_k), _ in data:
+            im_q = im_q.to(device, non_blocking=True)
+            im_k = im_k.to(device, non_blocking=True)
+            if channels_last:
+                im_q = im_q.contiguous(memory_format=torch.channels_last)
+                im_k = im_k.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
+                                enabled=amp_dtype is not None):
+                logits, labels = model(im_q, im_k, generator=gen)
+            loss = criterion(logits.float(), labels)
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
+            acc1, acc5 = engine.accuracy(logits, labels, topk=(1, 5))
+            progress.step(it, epoch, args.batch_size, loss=loss.item(), acc1=acc1, acc5=acc5,
+                          lr=lr)
+            it += 1
+            end_of_epoch = it % bpe == 0
+            if rank == 0 and (end_of_epoch or it == total_iters or
+                              (args.save_every_iters and it % args.save_every_iters == 0)):
+                ckpt = checkpoint_dict(args, model, optimizer, scaler, it // bpe, it, bpe, gen)
+                engine.save_atomic(ckpt, os.path.join(args.output, "checkpoint_last.pth.tar"))
+                if end_of_epoch and ((it // bpe) % args.save_freq == 0 or it == total_iters):
+                    engine.save_atomic(ckpt, os.path.join(
+                        args.output, f"checkpoint_{it // bpe:04d}.pth.tar"))
+            if it >= total_iters:
+                break
+        if args.knn_data and args.knn_freq and it % bpe == 0 and (it // bpe) % args.knn_freq == 0:
+            from pretrain.knn import knn_accuracy
+
+            encoder = (model.module if world > 1 else model).encoder_q
+            acc = knn_accuracy(encoder, args.knn_data, device, args.image_size)
+            logger.info("kNN monitor (epoch %d): top-1 %.2f%%", it // bpe, acc)
+            if progress.tb:
+                progress.tb.add_scalar("knn/top1", acc, it)
+    progress.close()
+    if rank == 0:
+        logger.info("done: %d iterations; checkpoint %s", it,
+                    os.path.join(args.output, "checkpoint_last.pth.tar"))
+    return os.path.join(args.output, "checkpoint_last.pth.tar")
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

@@ -1,0 +1,118 @@
+"""Install detectron2 v0.6 as a pure-Python package, hash-checked, into the running interpreter.
+
+PyPI has no usable detectron2 wheel for current torch. The sdist of ``pb1-detectron2==0.6``
+carries the official v0.6 ``detectron2/`` Python package byte for byte (model-zoo configs
+included) but not the C++/CUDA sources, so ``pip install`` fails at the extension build. We take
+the Python package from it as it is and let ``transfer/d2.py`` stand in for the compiled ops.
+
+If a detectron2 is already importable (for example a compiled official build on a GPU cluster),
+nothing is touched. Standard library only: this runs before anything else is installed.
+
+    python transfer/install_detectron2.py [--cache DIR] [--force]
+"""
+import argparse
+import hashlib
+import importlib.util
+import os
+import shutil
+import sys
+import sysconfig
+import tarfile
+import tempfile
+import urllib.request
+
+SDIST_URL = (
+    "https://files.pythonhosted.org/packages/60/26/"
+    "48f5bbb7ee492696a21da23303daeecdfe3942c498a70d34108acf63b2bd/pb1-detectron2-0.6.tar.gz"
+)
+SDIST_SHA256 = "5d2e9e51e523ec72f6a31cca04b0a515492e9514b773a3d134cedc0677170b29"
+VERSION = "0.6"
+
+
+def sha256_of(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fetch_sdist(cache_dir):
+    """Return the path of the verified sdist, downloading it into cache_dir if needed."""
+    os.makedirs(cache_dir, exist_ok=True)
+    path = os.path.join(cache_dir, os.path.basename(SDIST_URL))
+    if os.path.exists(path) and sha256_of(path) == SDIST_SHA256:
+        return path
+    print(f"[install_detectron2] downloading {SDIST_URL}")
+    fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".part")
+    with os.fdopen(fd, "wb") as out, urllib.request.urlopen(SDIST_URL, timeout=120) as resp:
+        shutil.copyfileobj(resp, out)
+    digest = sha256_of(tmp)
+    if digest != SDIST_SHA256:
+        os.remove(tmp)
+        raise SystemExit(
+            f"[install_detectron2] sha256 mismatch for {SDIST_URL}: got {digest}, "
+            f"expected {SDIST_SHA256}. Refusing to install."
+        )
+    os.replace(tmp, path)
+    return path
+
+
+def install_from_sdist(sdist, site_packages):
+    """Copy the sdist's detectron2/ package into site_packages and record it for pip."""
+    prefix = f"pb1-detectron2-{VERSION}/"
+    staging = tempfile.mkdtemp(dir=site_packages, prefix=".detectron2-")
+    records = []
+    with tarfile.open(sdist, "r:gz") as tar:
+        for member in tar.getmembers():
+            if not member.isfile() or not member.name.startswith(prefix + "detectron2/"):
+                continue
+            rel = member.name[len(prefix):]
+            dest = os.path.join(staging, rel)
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            with tar.extractfile(member) as src, open(dest, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            records.append(rel)
+    target = os.path.join(site_packages, "detectron2")
+    if os.path.exists(target):
+        shutil.rmtree(target)
+    os.replace(os.path.join(staging, "detectron2"), target)
+    shutil.rmtree(staging)
+
+    dist_info = os.path.join(site_packages, f"detectron2-{VERSION}.dist-info")
+    os.makedirs(dist_info, exist_ok=True)
+    with open(os.path.join(dist_info, "METADATA"), "w") as f:
+        f.write(
+            f"Metadata-Version: 2.1\nName: detectron2\nVersion: {VERSION}\n"
+            f"Summary: detectron2 v0.6 Python sources (from pb1-detectron2 sdist "
+            f"sha256 {SDIST_SHA256}), no compiled ops\n"
+        )
+    with open(os.path.join(dist_info, "INSTALLER"), "w") as f:
+        f.write("moco-transfer\n")
+    with open(os.path.join(dist_info, "RECORD"), "w") as f:
+        for rel in records + [f"detectron2-{VERSION}.dist-info/{n}" for n in
+                              ("METADATA", "INSTALLER", "RECORD")]:
+            f.write(f"{rel},,\n")
+    print(f"[install_detectron2] installed detectron2 {VERSION} ({len(records)} files) "
+          f"into {site_packages}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cache", default=os.path.expanduser("~/.cache/moco-transfer"),
+                        help="where the verified sdist is kept between installs")
+    parser.add_argument("--force", action="store_true",
+                        help="reinstall even if a detectron2 is importable")
+    args = parser.parse_args(argv)
+
+    spec = importlib.util.find_spec("detectron2")
+    if spec is not None and not args.force:
+        where = os.path.dirname(spec.origin or "")
+        print(f"[install_detectron2] detectron2 already importable from {where}; leaving it alone")
+        return 0
+    install_from_sdist(fetch_sdist(args.cache), sysconfig.get_paths()["purelib"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
