@@ -16,6 +16,7 @@ import importlib
 import importlib.machinery
 import sys
 import types
+import warnings
 
 STAND_IN_ATTR = "__moco_transfer_stand_in__"
 
@@ -92,6 +93,10 @@ def ensure_detectron2():
     """Make detectron2 importable; returns True if the real compiled ops are present."""
     if "compiled" in _state:
         return _state["compiled"]
+    # detectron2 v0.6 on current torch/setuptools: deprecation notices, not problems
+    warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*deprecated",
+                            category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r"pkg_resources is deprecated", category=UserWarning)
     import detectron2  # noqa: F401  (fails loudly if detectron2 is not installed at all)
 
     compiled = _real_extension_importable()

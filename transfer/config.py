@@ -1,0 +1,196 @@
+"""Resolve a task into a detectron2 config: task YAML -> weights -> scale -> seed -> overrides.
+
+Every entry point (training, evaluation, inference with a saved config) loads configs through
+``get_cfg``/``load_config`` here, which adds this project's keys and registers its modules.
+"""
+import os
+import pickle
+
+import torch
+
+from transfer.d2 import ensure_detectron2
+
+ensure_detectron2()
+
+from detectron2.config import CfgNode as CN  # noqa: E402
+from detectron2.config import get_cfg as d2_get_cfg  # noqa: E402
+
+import transfer.modeling  # noqa: E402,F401  (registers Res5ROIHeadsExtraNorm, DC5 backbone)
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+MSRA_R50 = "detectron2://ImageNetPretrained/MSRA/R-50.pkl"
+RESERVED_WEIGHTS = ("supervised", "random")
+
+# Normalisation the weights expect (PROTOCOL.md section 3). Random init uses the MoCo one.
+RGB_TORCHVISION = {
+    "INPUT.FORMAT": "RGB",
+    "MODEL.PIXEL_MEAN": [123.675, 116.28, 103.53],
+    "MODEL.PIXEL_STD": [58.395, 57.12, 57.375],
+    "MODEL.RESNETS.STRIDE_IN_1X1": False,
+}
+BGR_MSRA = {
+    "INPUT.FORMAT": "BGR",
+    "MODEL.PIXEL_MEAN": [103.53, 116.28, 123.675],
+    "MODEL.PIXEL_STD": [1.0, 1.0, 1.0],
+    "MODEL.RESNETS.STRIDE_IN_1X1": True,
+}
+
+
+def add_moco_transfer_config(cfg):
+    cfg.MODEL.DC5 = CN()
+    cfg.MODEL.DC5.OUT_CHANNELS = 512
+    cfg.MODEL.DC5.NORM = "naiveSyncBN"
+    cfg.MOCO_TRANSFER = CN()
+    cfg.MOCO_TRANSFER.TASK = ""  # set from the config file's name
+    cfg.MOCO_TRANSFER.PAPER_TABLE = ""  # which table of the paper the task reproduces
+    cfg.MOCO_TRANSFER.DESCRIPTION = ""
+    cfg.MOCO_TRANSFER.METRICS = []  # "<evaluator key>/<metric>" columns of the results table
+    cfg.MOCO_TRANSFER.WEIGHTS = ""  # the run's weights name: random, supervised, or a ckpt name
+    cfg.MOCO_TRANSFER.WEIGHTS_SHA256 = ""
+    cfg.MOCO_TRANSFER.WEIGHTS_FORMAT = ""
+    cfg.MOCO_TRANSFER.SCALE = "full"
+    cfg.MOCO_TRANSFER.NUM_GPUS = 1
+
+
+def get_cfg():
+    cfg = d2_get_cfg()
+    add_moco_transfer_config(cfg)
+    return cfg
+
+
+def load_config(path):
+    """Load a saved or task config with this project's keys (for evaluation/inference)."""
+    cfg = get_cfg()
+    cfg.merge_from_file(path)
+    return cfg
+
+
+def task_config_path(task):
+    from transfer.tasks import known_tasks
+
+    path = os.path.join(CONFIG_DIR, task + ".yaml")
+    if not os.path.isfile(path):
+        raise KeyError(f"unknown task '{task}'. Known tasks: {', '.join(known_tasks())}")
+    return path
+
+
+# ---------------------------------------------------------------- weights
+def parse_weights(spec):
+    """'random' | 'supervised' | 'supervised=PATH' | 'NAME=PATH' | 'PATH' -> (name, path|None)."""
+    if "=" in spec:
+        name, path = spec.split("=", 1)
+        return name, path
+    if spec in RESERVED_WEIGHTS:
+        return spec, None
+    base = os.path.basename(spec)
+    for ext in (".d2.pkl", ".pkl"):
+        if base.endswith(ext):
+            base = base[: -len(ext)]
+    return base, spec
+
+
+def read_converted_metadata(path):
+    """Normalisation/config overrides carried by a converted .pkl (convert/to_detectron2.py)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"weights file '{path}' not found")
+    if not path.endswith(".pkl"):
+        raise ValueError(
+            f"weights '{path}' are not in detectron2's format; convert them first:\n"
+            f"  python convert/to_detectron2.py {path}")
+    with open(path, "rb") as f:
+        data = pickle.load(f, encoding="latin1")
+    meta = data.get("moco_transfer") if isinstance(data, dict) else None
+    if meta:
+        return dict(meta["normalization"], **meta.get("config", {})), meta
+    author = str(data.get("__author__", "")) if isinstance(data, dict) else ""
+    if author.upper() in ("MOCO", "TORCHVISION"):  # the reference converters' outputs
+        return dict(RGB_TORCHVISION), {"format": author}
+    raise ValueError(
+        f"weights '{path}' carry no normalisation metadata; re-convert them with "
+        f"convert/to_detectron2.py (use --input-format rgb|bgr for a detectron2 .pkl)")
+
+
+def weights_overrides(spec):
+    """(name, {config key: value}) for a weights spec."""
+    name, path = parse_weights(spec)
+    if path is None and name == "random":
+        return name, dict(RGB_TORCHVISION, **{"MODEL.WEIGHTS": ""})
+    if path is None and name == "supervised":
+        return name, dict(BGR_MSRA, **{"MODEL.WEIGHTS": MSRA_R50})
+    overrides, meta = read_converted_metadata(path)
+    overrides["MODEL.WEIGHTS"] = os.path.abspath(path)
+    overrides["MOCO_TRANSFER.WEIGHTS_SHA256"] = meta.get("sha256", "")
+    overrides["MOCO_TRANSFER.WEIGHTS_FORMAT"] = meta.get("format", "")
+    return name, overrides
+
+
+# ---------------------------------------------------------------- scales
+def scale_full(cfg, max_iter=None):
+    return cfg
+
+
+def scale_smoke(cfg, max_iter=20):
+    """The same task, model and evaluation with a tiny schedule and small images (CPU, CI).
+
+    The batch is 2 images, so the lr is scaled linearly from the task's (batch 16). Fewer
+    proposals and sampled ROIs keep a CPU iteration in seconds (a C4 head runs res5 on every
+    ROI: 512 x 2 ROIs cost ~45 s per iteration on 2 cores)."""
+    ratio = max_iter / cfg.SOLVER.MAX_ITER
+    cfg.SOLVER.STEPS = tuple(max(1, int(round(s * ratio))) for s in cfg.SOLVER.STEPS)
+    cfg.SOLVER.BASE_LR = cfg.SOLVER.BASE_LR * 2 / cfg.SOLVER.IMS_PER_BATCH
+    cfg.SOLVER.IMS_PER_BATCH = 2
+    cfg.SOLVER.MAX_ITER = max_iter
+    cfg.SOLVER.WARMUP_ITERS = min(cfg.SOLVER.WARMUP_ITERS, max(1, max_iter // 4))
+    cfg.SOLVER.CHECKPOINT_PERIOD = max(1, max_iter // 2)
+    cfg.INPUT.MIN_SIZE_TRAIN = (224, 256)
+    cfg.INPUT.MAX_SIZE_TRAIN = 400
+    cfg.INPUT.MIN_SIZE_TEST = 256
+    cfg.INPUT.MAX_SIZE_TEST = 400
+    if cfg.INPUT.CROP.ENABLED and cfg.INPUT.CROP.TYPE == "absolute":
+        cfg.INPUT.CROP.SIZE = [min(s, 192) for s in cfg.INPUT.CROP.SIZE]
+    cfg.MODEL.RPN.PRE_NMS_TOPK_TRAIN = min(cfg.MODEL.RPN.PRE_NMS_TOPK_TRAIN, 1000)
+    cfg.MODEL.RPN.POST_NMS_TOPK_TRAIN = min(cfg.MODEL.RPN.POST_NMS_TOPK_TRAIN, 200)
+    cfg.MODEL.RPN.PRE_NMS_TOPK_TEST = min(cfg.MODEL.RPN.PRE_NMS_TOPK_TEST, 300)
+    cfg.MODEL.RPN.POST_NMS_TOPK_TEST = min(cfg.MODEL.RPN.POST_NMS_TOPK_TEST, 50)
+    cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE = 64
+    cfg.TEST.PRECISE_BN.NUM_ITER = 4
+    cfg.TEST.EVAL_PERIOD = 0
+    cfg.DATALOADER.NUM_WORKERS = 2
+    return cfg
+
+
+SCALES = {"full": scale_full, "smoke": scale_smoke}
+
+
+def setup_cfg(task, weights="random", seed=0, scale="full", overrides=(), output=None,
+              num_gpus=1, runs_root="runs"):
+    """The fully resolved config of one run."""
+    cfg = get_cfg()
+    cfg.merge_from_file(task_config_path(task))
+    cfg.MOCO_TRANSFER.TASK = task
+    name, wcfg = weights_overrides(weights)
+    cfg.merge_from_list([x for kv in wcfg.items() for x in kv])
+    cfg.MOCO_TRANSFER.WEIGHTS = name
+    if scale not in SCALES:
+        raise KeyError(f"unknown scale '{scale}'; known: {', '.join(SCALES)}")
+    overrides = list(overrides)
+    if scale != "full" and "SOLVER.MAX_ITER" in overrides[::2]:
+        # a scaled schedule of the requested length (steps and warmup follow it)
+        SCALES[scale](cfg, int(overrides[overrides[::2].index("SOLVER.MAX_ITER") * 2 + 1]))
+    else:
+        SCALES[scale](cfg)
+    cfg.MOCO_TRANSFER.SCALE = scale
+    cfg.MOCO_TRANSFER.NUM_GPUS = num_gpus
+    cfg.SEED = seed
+    if not torch.cuda.is_available():
+        cfg.MODEL.DEVICE = "cpu"
+    cfg.OUTPUT_DIR = output or run_dir(runs_root, task, name, seed, scale)
+    cfg.merge_from_list(list(overrides))
+    cfg.freeze()
+    return cfg
+
+
+def run_dir(runs_root, task, weights_name, seed, scale="full"):
+    """<runs>/<task>[@scale]/<weights>/seed<k>: the weights and seed are run axes."""
+    task_dir = task if scale == "full" else f"{task}@{scale}"
+    return os.path.join(runs_root, task_dir, weights_name, f"seed{seed}")

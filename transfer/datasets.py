@@ -1,0 +1,98 @@
+"""Datasets: detectron2's standard names under DETECTRON2_DATASETS, checked before training.
+
+detectron2 registers its builtin datasets (coco_2017_*, keypoints_coco_2017_*, voc_20XX_*,
+lvis_v0.5_*, lvis_v1_*, cityscapes_fine_*) with the root read from ``DETECTRON2_DATASETS``
+(default ``./datasets``) when ``detectron2.data`` is first imported. This module adds the
+embedded synthetic dataset and checks, per evaluator type, that the expected files exist, so a
+missing dataset stops before training with the folder and layout it expected.
+"""
+import os
+
+from transfer.d2 import ensure_detectron2
+
+ensure_detectron2()
+
+from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
+
+
+class DatasetMissing(FileNotFoundError):
+    pass
+
+
+def dataset_root():
+    return os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets"))
+
+
+LAYOUTS = {
+    "coco": "{root}/coco/annotations/instances_{{train,val}}2017.json and "
+            "{root}/coco/{{train,val}}2017/*.jpg (person_keypoints_*.json for keypoints)",
+    "lvis": "{root}/lvis/lvis_v0.5_{{train,val}}.json (or lvis_v1_*) and the COCO 2017 images "
+            "under {root}/coco/{{train,val}}2017/",
+    "pascal_voc": "{root}/VOC20XX/Annotations/*.xml, JPEGImages/*.jpg, "
+                  "ImageSets/Main/{{trainval,test}}.txt",
+    "cityscapes_instance": "{root}/cityscapes/leftImg8bit/{{train,val}}/<city>/*_leftImg8bit.png "
+                           "and {root}/cityscapes/gtFine/{{train,val}}/<city>/*_gtFine_"
+                           "{{instanceIds,labelIds,polygons.json}}",
+    "cityscapes_sem_seg": "{root}/cityscapes/leftImg8bit/... and gtFine/*_labelTrainIds.png",
+    "sem_seg": "images and label PNGs (see the task config)",
+}
+
+
+def _paths_to_check(meta):
+    """(path, is_dir) pairs that must exist for a registered dataset."""
+    et = meta.get("evaluator_type", "")
+    if et == "pascal_voc":
+        d = meta.dirname
+        return [(os.path.join(d, "Annotations"), True), (os.path.join(d, "JPEGImages"), True),
+                (os.path.join(d, "ImageSets", "Main", meta.split + ".txt"), False)]
+    if et.startswith("cityscapes"):
+        return [(meta.image_dir, True), (meta.gt_dir, True)]
+    paths = []
+    if "json_file" in meta.as_dict():
+        paths.append((meta.json_file, False))
+    if "image_root" in meta.as_dict():
+        paths.append((meta.image_root, True))
+    return paths
+
+
+def check_datasets(names):
+    """Raise DatasetMissing naming the folder and layout expected for every missing dataset."""
+    problems = []
+    for name in names:
+        if name not in DatasetCatalog.list():
+            raise DatasetMissing(f"dataset '{name}' is not registered; registered ones include "
+                                 f"{', '.join(sorted(DatasetCatalog.list())[:12])}, ...")
+        meta = MetadataCatalog.get(name)
+        missing = [p for p, is_dir in _paths_to_check(meta)
+                   if not (os.path.isdir(p) if is_dir else os.path.isfile(p))]
+        if missing:
+            layout = LAYOUTS.get(meta.get("evaluator_type", ""), "").format(root=dataset_root())
+            problems.append(
+                f"dataset '{name}' not found: missing {', '.join(missing)}\n"
+                f"  expected layout: {layout}\n"
+                f"  dataset root: {dataset_root()} (set DETECTRON2_DATASETS to change it)")
+    if problems:
+        raise DatasetMissing("\n".join(problems))
+
+
+# ---------------------------------------------------------------- synthetic (embedded default)
+SYNTHETIC_SPLITS = {"synthetic_train": "train", "synthetic_val": "val"}
+
+
+def register_synthetic(root=None):
+    """Register the generated shapes dataset (pretrain/synthetic.py) as COCO-format datasets
+    ``synthetic_train``/``synthetic_val`` (boxes + masks) under ``<root>/synthetic``."""
+    from detectron2.data.datasets import register_coco_instances
+    from pretrain import synthetic
+
+    base = os.path.join(root or dataset_root(), "synthetic", "coco")
+    for name, split in SYNTHETIC_SPLITS.items():
+        if name in DatasetCatalog.list():
+            continue
+        register_coco_instances(name, {}, os.path.join(base, "annotations",
+                                                       f"instances_{split}.json"),
+                                os.path.join(base, split))
+        MetadataCatalog.get(name).set(thing_classes=list(synthetic.CLASSES))
+
+
+register_synthetic()

@@ -1,0 +1,221 @@
+"""Fine-tune and evaluate one transfer task: ``make transfer TASK=... WEIGHTS=...``.
+
+    python -m transfer.train_net --task voc_frcnn_c4_24k --weights moco.pkl --seed 0
+    python -m transfer.train_net --task coco_mask_fpn_2x --weights supervised --num-gpus 8
+    python -m transfer.train_net --task voc_frcnn_c4_24k --weights random --dry-run
+    ... [KEY VALUE ...]   detectron2 config overrides, applied last
+
+Each run writes <runs>/<task>/<weights>/seed<k>/: config.yaml (resolved), metrics.json,
+results.json (final evaluation), status.json, checkpoints. An interrupted run resumes from its
+last checkpoint when started again with the same arguments.
+"""
+import argparse
+import json
+import logging
+import os
+import time
+import traceback
+
+import torch
+
+from transfer.d2 import ensure_detectron2, has_compiled_ops
+
+ensure_detectron2()
+
+import detectron2.utils.comm as comm  # noqa: E402
+from detectron2.engine import DefaultTrainer, default_setup, hooks, launch  # noqa: E402
+from detectron2.evaluation import (  # noqa: E402
+    CityscapesInstanceEvaluator, CityscapesSemSegEvaluator, COCOEvaluator, DatasetEvaluators,
+    LVISEvaluator, PascalVOCDetectionEvaluator, SemSegEvaluator)
+from detectron2.data import MetadataCatalog  # noqa: E402
+from fvcore.nn.precise_bn import get_bn_modules  # noqa: E402
+
+from transfer import datasets  # noqa: E402
+from transfer.config import setup_cfg  # noqa: E402
+from transfer.weights import load_pretrained  # noqa: E402
+
+logger = logging.getLogger("transfer")
+
+
+# ---------------------------------------------------------------- evaluators, by evaluator type
+def _coco(name, cfg, out):
+    return COCOEvaluator(name, output_dir=out, use_fast_impl=has_compiled_ops())
+
+
+EVALUATORS = {
+    "coco": _coco,
+    "lvis": lambda name, cfg, out: LVISEvaluator(name, output_dir=out),
+    "pascal_voc": lambda name, cfg, out: PascalVOCDetectionEvaluator(name),
+    "cityscapes_instance": lambda name, cfg, out: CityscapesInstanceEvaluator(name),
+    "cityscapes_sem_seg": lambda name, cfg, out: CityscapesSemSegEvaluator(name),
+    "sem_seg": lambda name, cfg, out: SemSegEvaluator(name, distributed=True, output_dir=out),
+}
+
+
+def register_evaluator(evaluator_type):
+    def deco(fn):
+        EVALUATORS[evaluator_type] = fn
+        return fn
+    return deco
+
+
+class SyncedPreciseBN(hooks.PreciseBN):
+    """PreciseBN whose recomputed statistics are averaged over all processes (detectron2's
+    hook recomputes them per process, and only rank 0's are saved and evaluated)."""
+
+    def update_stats(self):
+        super().update_stats()
+        if comm.get_world_size() == 1:
+            return
+        for bn in get_bn_modules(self._model):
+            for buf in (bn.running_mean, bn.running_var):
+                torch.distributed.all_reduce(buf)
+                buf /= comm.get_world_size()
+
+
+class Trainer(DefaultTrainer):
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        out = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+        et = MetadataCatalog.get(dataset_name).get("evaluator_type", "")
+        if et not in EVALUATORS:
+            raise KeyError(f"no evaluator for dataset '{dataset_name}' of evaluator type "
+                           f"'{et}'; known types: {', '.join(EVALUATORS)}")
+        return DatasetEvaluators([EVALUATORS[et](dataset_name, cfg, out)])
+
+    def build_hooks(self):
+        hook_list = super().build_hooks()
+        for i, h in enumerate(hook_list):
+            if type(h) is hooks.PreciseBN:  # same period/model/loader, synced statistics
+                hook_list[i] = SyncedPreciseBN(
+                    self.cfg.TEST.EVAL_PERIOD, self.model,
+                    self.build_train_loader(self.cfg), self.cfg.TEST.PRECISE_BN.NUM_ITER)
+        return hook_list
+
+    def resume_or_load(self, resume=True):
+        if resume and self.checkpointer.has_checkpoint():
+            return super().resume_or_load(resume=True)
+        if self.cfg.MODEL.WEIGHTS:
+            model = self.model.module if hasattr(self.model, "module") else self.model
+            load_pretrained(model, self.cfg.MODEL.WEIGHTS)
+        self.start_iter = 0
+
+
+# ---------------------------------------------------------------- run bookkeeping
+def protocol_of(cfg):
+    """The settings that must agree for runs to be averaged together."""
+    return {
+        "max_iter": cfg.SOLVER.MAX_ITER, "steps": list(cfg.SOLVER.STEPS),
+        "ims_per_batch": cfg.SOLVER.IMS_PER_BATCH, "base_lr": cfg.SOLVER.BASE_LR,
+        "warmup_iters": cfg.SOLVER.WARMUP_ITERS, "norm": cfg.MODEL.RESNETS.NORM,
+        "min_size_train": list(cfg.INPUT.MIN_SIZE_TRAIN), "min_size_test": cfg.INPUT.MIN_SIZE_TEST,
+        "num_gpus": cfg.MOCO_TRANSFER.NUM_GPUS, "scale": cfg.MOCO_TRANSFER.SCALE,
+        "reference_world_size": cfg.SOLVER.REFERENCE_WORLD_SIZE,
+    }
+
+
+def write_json_atomic(obj, path):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, default=str)
+    os.replace(tmp, path)
+
+
+def run_record(cfg, **extra):
+    return {"task": cfg.MOCO_TRANSFER.TASK, "weights": cfg.MOCO_TRANSFER.WEIGHTS,
+            "weights_file": cfg.MODEL.WEIGHTS, "weights_sha256": cfg.MOCO_TRANSFER.WEIGHTS_SHA256,
+            "seed": cfg.SEED, "scale": cfg.MOCO_TRANSFER.SCALE, "protocol": protocol_of(cfg),
+            "metrics_wanted": list(cfg.MOCO_TRANSFER.METRICS), **extra}
+
+
+def flatten_results(results):
+    flat = {}
+    for group, values in (results or {}).items():
+        if isinstance(values, dict):
+            for k, v in values.items():
+                flat[f"{group}/{k}"] = float(v)
+    return flat
+
+
+def main(args):
+    cfg = setup_cfg(args.task, args.weights, args.seed, args.scale, args.opts, args.output,
+                    args.num_gpus, args.runs)
+    if args.dry_run:
+        print(cfg.dump())
+        return None
+    datasets.check_datasets(list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST))
+    default_setup(cfg, args)
+    status_path = os.path.join(cfg.OUTPUT_DIR, "status.json")
+    if comm.is_main_process():
+        write_json_atomic(run_record(cfg, state="running", started=time.time()), status_path)
+    try:
+        if args.eval_only:
+            model = Trainer.build_model(cfg)
+            from detectron2.checkpoint import DetectionCheckpointer
+
+            DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+                cfg.MODEL.WEIGHTS, resume=True)
+            results = Trainer.test(cfg, model)
+        else:
+            trainer = Trainer(cfg)
+            trainer.resume_or_load(resume=True)
+            trainer.train()
+            results = getattr(trainer, "_last_eval_results", None)
+    except BaseException as e:
+        if comm.is_main_process():
+            state = "diverged" if isinstance(e, FloatingPointError) else "failed"
+            if isinstance(e, KeyboardInterrupt):
+                state = "interrupted"
+            write_json_atomic(run_record(cfg, state=state, reason=f"{type(e).__name__}: {e}",
+                                         traceback=traceback.format_exc()), status_path)
+        raise
+    if comm.is_main_process():
+        flat = flatten_results(results)
+        record = run_record(cfg, state="complete", finished=time.time(), metrics=flat,
+                            results=results)
+        write_json_atomic(record, os.path.join(cfg.OUTPUT_DIR, "results.json"))
+        write_json_atomic(record, status_path)
+        logger.info("results: %s", json.dumps(flat))
+    return results
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--task", required=True, help="a task name (python -m transfer.tasks)")
+    p.add_argument("--weights", default="random",
+                   help="converted .pkl, NAME=path.pkl, 'supervised' (MSRA R-50) or 'random'")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scale", default="full", help="full (the protocol) or smoke (tiny)")
+    p.add_argument("--num-gpus", type=int, default=1)
+    p.add_argument("--num-machines", type=int, default=1)
+    p.add_argument("--machine-rank", type=int, default=0)
+    p.add_argument("--dist-url", default="auto")
+    p.add_argument("--output", default=None, help="run directory (default <runs>/<task>/...)")
+    p.add_argument("--runs", default="runs", help="root of the run directories")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--eval-only", action="store_true")
+    p.add_argument("opts", nargs=argparse.REMAINDER, help="detectron2 KEY VALUE overrides")
+    return p
+
+
+def run(argv=None):
+    args = get_parser().parse_args(argv)
+    if args.task is not None:
+        from transfer.tasks import known_tasks
+
+        if args.task not in known_tasks():
+            raise SystemExit(f"unknown task '{args.task}'. Known tasks:\n  "
+                             + "\n  ".join(known_tasks()))
+    args.resume = True  # default_setup reads it
+    args.config_file = ""
+    if args.dry_run or args.num_gpus * args.num_machines == 1:
+        return main(args)
+    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+           dist_url=args.dist_url, args=(args,))
+
+
+if __name__ == "__main__":
+    try:
+        run()
+    except (datasets.DatasetMissing, FileNotFoundError, ValueError, KeyError) as e:
+        raise SystemExit(f"error: {e}")
