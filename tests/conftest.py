@@ -1,0 +1,32 @@
+"""Shared test setup.
+
+The real samples live in ../shared/data (never copied into the project). A session-wide dataset
+root is laid out from them with symbolic links and exported as DETECTRON2_DATASETS before
+detectron2 registers its builtin datasets. Without ../shared only the tests that need it skip.
+"""
+import os
+import sys
+import tempfile
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED_DATA = os.path.abspath(os.path.join(ROOT, "..", "shared", "data"))
+HAVE_SHARED = os.path.isdir(os.path.join(SHARED_DATA, "coco_tiny"))
+
+_DATASET_ROOT = tempfile.mkdtemp(prefix="moco-transfer-datasets-")
+os.environ["DETECTRON2_DATASETS"] = _DATASET_ROOT  # before detectron2.data registers datasets
+if HAVE_SHARED:
+    sys.path.insert(0, ROOT)
+    from transfer.sample_data import layout  # noqa: E402  (no detectron2 import)
+
+    layout(SHARED_DATA, _DATASET_ROOT)
+
+requires_shared = pytest.mark.skipif(
+    not HAVE_SHARED,
+    reason=f"needs the real samples in {SHARED_DATA} (../shared/data beside the checkout)")
+
+
+@pytest.fixture(scope="session")
+def dataset_root():
+    return _DATASET_ROOT

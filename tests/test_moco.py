@@ -1,0 +1,188 @@
+"""MoCo core: InfoNCE against a written-out formula, queue, momentum, shuffle BN, resume."""
+import copy
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+import torchvision
+from PIL import Image
+
+from pretrain import main_moco
+from pretrain.builder import MoCo, SplitBatchNorm
+
+
+def small_moco(K=16, num_splits=1, mlp=False, T=0.2, dim=8):
+    torch.manual_seed(0)
+    return MoCo(torchvision.models.resnet18, dim=dim, K=K, m=0.9, T=T, mlp=mlp,
+                num_splits=num_splits)
+
+
+def test_logits_and_loss_match_written_out_infonce():
+    model = small_moco(K=16)
+    ref = copy.deepcopy(model)
+    torch.manual_seed(1)
+    im_q, im_k = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)
+    queue_before = model.queue.clone()
+    logits, labels = model(im_q, im_k)
+    loss = nn.functional.cross_entropy(logits, labels)
+
+    # independent computation: momentum step, then features, then the InfoNCE sum in float64
+    with torch.no_grad():
+        for pq, pk in zip(ref.encoder_q.parameters(), ref.encoder_k.parameters()):
+            pk.copy_(0.9 * pk + 0.1 * pq)
+        q = ref.encoder_q(im_q).double()
+        k = ref.encoder_k(im_k).double()  # one BN group: the batch order does not matter
+    q = q / q.norm(dim=1, keepdim=True)
+    k = k / k.norm(dim=1, keepdim=True)
+    queue = queue_before.double()
+    expected_loss = 0.0
+    for i in range(4):
+        pos = math.exp(float(q[i] @ k[i]) / 0.2)
+        negs = [math.exp(float(q[i] @ queue[:, j]) / 0.2) for j in range(16)]
+        assert logits[i, 0].item() == pytest.approx(float(q[i] @ k[i]) / 0.2, abs=1e-4)
+        np.testing.assert_allclose(logits[i, 1:].detach().numpy(),
+                                   (q[i] @ queue / 0.2).numpy(), atol=1e-4)
+        expected_loss += -math.log(pos / (pos + sum(negs))) / 4
+    assert labels.tolist() == [0, 0, 0, 0]
+    assert loss.item() == pytest.approx(expected_loss, abs=1e-4)
+
+
+def test_queue_order_and_pointer_wrap():
+    model = small_moco(K=12, dim=3)
+    batches = [torch.full((4, 3), float(b)) for b in range(4)]
+    for b in batches[:3]:
+        model._dequeue_and_enqueue(b)
+    assert int(model.queue_ptr) == 0  # 3 batches of 4 filled K=12 and wrapped
+    assert model.queue[0].tolist() == [0.0] * 4 + [1.0] * 4 + [2.0] * 4
+    model._dequeue_and_enqueue(batches[3])  # the oldest keys are replaced first
+    assert model.queue[0].tolist() == [3.0] * 4 + [1.0] * 4 + [2.0] * 4
+    assert int(model.queue_ptr) == 4
+    with pytest.raises(ValueError, match="multiple of the batch"):
+        model._dequeue_and_enqueue(torch.zeros(5, 3))
+
+
+def test_momentum_update_is_exact():
+    model = small_moco()
+    with torch.no_grad():
+        for p in model.encoder_q.parameters():
+            p.add_(torch.randn_like(p))
+    q = [p.clone() for p in model.encoder_q.parameters()]
+    k = [p.clone() for p in model.encoder_k.parameters()]
+    model._momentum_update_key_encoder()
+    for pq, pk, new in zip(q, k, model.encoder_k.parameters()):
+        torch.testing.assert_close(new, 0.9 * pk + 0.1 * pq, rtol=0, atol=1e-6)
+    assert all(not p.requires_grad for p in model.encoder_k.parameters())
+
+
+def test_single_process_shuffle_roundtrip_returns_original_order():
+    model = small_moco(num_splits=1)
+    model.encoder_k = nn.Flatten()  # identity features: keys must come back in input order
+    x = torch.randn(8, 2, 1, 1)
+    k = model.compute_keys(x, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(k, nn.functional.normalize(x.flatten(1), dim=1))
+
+
+def test_split_batchnorm_equals_per_group_batchnorm():
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 4, 4)
+    split = SplitBatchNorm(3, num_splits=4)
+    out = split(x)
+    for g in range(4):
+        bn = nn.BatchNorm2d(3)
+        idx = torch.arange(g, 8, 4)  # group g = samples n with n % 4 == g
+        torch.testing.assert_close(out[idx], bn(x[idx]), atol=1e-5, rtol=1e-5)
+    groups = torch.stack([x[g::4] for g in range(4)])
+    expected_mean = 0.9 * 0 + 0.1 * groups.mean(dim=(1, 3, 4)).mean(0)
+    torch.testing.assert_close(split.running_mean, expected_mean, atol=1e-6, rtol=1e-5)
+
+
+def _ddp_roundtrip(rank, world, port, results):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = MoCo(torchvision.models.resnet18, dim=4, K=8)
+    x = torch.arange(4, dtype=torch.float32).view(4, 1) + 10 * rank
+    shard, undo = model._batch_shuffle_ddp(x, torch.Generator().manual_seed(5))
+    back = model._batch_unshuffle_ddp(shard, undo)
+    results[rank] = (x.tolist(), back.tolist(), shard.tolist())
+    dist.destroy_process_group()
+
+
+def test_ddp_shuffle_roundtrip_two_processes():
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    results = mp.Manager().dict()
+    mp.spawn(_ddp_roundtrip, args=(2, port, results), nprocs=2, join=True)
+    shards = []
+    for rank in range(2):
+        x, back, shard = results[rank]
+        assert back == x
+        shards += shard
+    assert sorted(v[0] for v in shards) == [0, 1, 2, 3, 10, 11, 12, 13]
+    assert shards != [[0.0], [1.0], [2.0], [3.0], [10.0], [11.0], [12.0], [13.0]]
+
+
+# ---------------------------------------------------------------- training runs
+@pytest.fixture(scope="module")
+def tiny_images(tmp_path_factory):
+    root = tmp_path_factory.mktemp("imgs")
+    rng = np.random.default_rng(0)
+    for i in range(24):
+        arr = (rng.random((40, 40, 3)) * 255).astype(np.uint8)
+        mode = "L" if i == 3 else ("CMYK" if i == 4 else "RGB")
+        Image.fromarray(arr).convert(mode).save(root / f"{i:03d}.{'jpg' if mode != 'CMYK' else 'tif'}")
+    (root / "broken.jpg").write_bytes(b"not an image")
+    return str(root)
+
+
+def run_pretrain(data, out, **kw):
+    args = main_moco.get_args_parser().parse_args([])
+    opts = dict(data=data, output=str(out), arch="resnet18", epochs=3, batch_size=8, moco_k=16,
+                image_size=32, shuffle_groups=2, workers=0, precision="fp32", print_freq=1)
+    opts.update(kw)
+    for k, v in opts.items():
+        setattr(args, k, v)
+    return main_moco.main(args)
+
+
+def test_checkpoint_format_and_resume_after_kill_is_exact(tiny_images, tmp_path):
+    full = run_pretrain(tiny_images, tmp_path / "full", max_iters=6)
+    ck = torch.load(full, map_location="cpu", weights_only=False)
+    assert {"epoch", "arch", "state_dict", "optimizer"} <= set(ck)
+    assert ck["arch"] == "resnet18" and ck["epoch"] == 2  # 3 iterations per epoch
+    sd = ck["state_dict"]
+    assert {"module.queue", "module.queue_ptr"} <= set(sd)
+    ref = torchvision.models.resnet18(num_classes=128)
+    ref.fc = nn.Sequential(nn.Linear(512, 512), nn.ReLU(), ref.fc)  # v2 MLP head
+    for enc in ("encoder_q", "encoder_k"):
+        for k, v in ref.state_dict().items():
+            assert sd[f"module.{enc}.{k}"].shape == v.shape
+    assert sd["module.queue"].shape == (128, 16)
+    assert os.path.exists(tmp_path / "full" / "metrics.json")
+
+    # killed after 4 iterations (mid-epoch 2), then started again: the same final weights
+    run_pretrain(tiny_images, tmp_path / "cut", max_iters=4, save_every_iters=1)
+    resumed = run_pretrain(tiny_images, tmp_path / "cut", max_iters=6)
+    ck2 = torch.load(resumed, map_location="cpu", weights_only=False)
+    assert ck2["iteration"] == 6
+    for k, v in sd.items():
+        torch.testing.assert_close(ck2["state_dict"][k], v, rtol=0, atol=0, msg=k)
+
+
+def test_unreadable_and_non_rgb_images_are_handled(tiny_images, caplog):
+    from pretrain import loader
+
+    ds = loader.ImageFiles(tiny_images, loader.moco_augmentation("v1", 32), seed=0)
+    with caplog.at_level("WARNING"):
+        items = [ds[i] for i in range(len(ds))]
+    assert all(x.shape == (3, 32, 32) for x, _ in items)
+    assert any("broken.jpg" in r.message for r in caplog.records)
