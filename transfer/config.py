@@ -136,7 +136,8 @@ def scale_smoke(cfg, max_iter=20):
     proposals and sampled ROIs keep a CPU iteration in seconds (a C4 head runs res5 on every
     ROI: 512 x 2 ROIs cost ~45 s per iteration on 2 cores)."""
     ratio = max_iter / cfg.SOLVER.MAX_ITER
-    cfg.SOLVER.STEPS = tuple(max(1, int(round(s * ratio))) for s in cfg.SOLVER.STEPS)
+    cfg.SOLVER.STEPS = tuple(sorted({min(max_iter - 1, max(1, int(round(s * ratio))))
+                                     for s in cfg.SOLVER.STEPS}))
     cfg.SOLVER.BASE_LR = cfg.SOLVER.BASE_LR * 2 / cfg.SOLVER.IMS_PER_BATCH
     cfg.SOLVER.IMS_PER_BATCH = 2
     cfg.SOLVER.MAX_ITER = max_iter
