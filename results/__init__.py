@@ -1,0 +1,1 @@
+"""Collate transfer runs into the paper's tables, and plan/run suites of runs."""

@@ -1,0 +1,85 @@
+"""Scan run directories (<runs>/<task>[@scale]/<weights>/seed<k>/) into one table of runs."""
+import glob
+import json
+import os
+
+import pandas as pd
+
+STATES_IN_MEANS = ("complete",)
+
+
+def _read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def last_iteration(run_dir):
+    """Last training iteration recorded in detectron2's metrics.json, or None."""
+    last = None
+    path = os.path.join(run_dir, "metrics.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    continue
+                if "iteration" in rec:
+                    last = rec["iteration"]
+    return last
+
+
+def read_run(run_dir):
+    """One row: identity, state (complete/failed/diverged/interrupted/incomplete), metrics."""
+    status = _read_json(os.path.join(run_dir, "results.json")) or \
+        _read_json(os.path.join(run_dir, "status.json"))
+    parts = os.path.normpath(run_dir).split(os.sep)
+    task_dir, weights, seed_dir = parts[-3], parts[-2], parts[-1]
+    task, _, scale = task_dir.partition("@")
+    row = {"task": task, "scale": scale or "full", "weights": weights,
+           "seed": int(seed_dir[len("seed"):]) if seed_dir[4:].isdigit() else seed_dir,
+           "path": run_dir, "state": "incomplete", "reason": "", "protocol": "",
+           "metrics": {}, "metrics_wanted": []}
+    if status is None:
+        row["reason"] = "no status.json/results.json (never started through the harness?)"
+        return row
+    row["state"] = status.get("state", "incomplete")
+    row["protocol"] = json.dumps(status.get("protocol", {}), sort_keys=True)
+    row["metrics_wanted"] = status.get("metrics_wanted", [])
+    if row["state"] == "complete":
+        row["metrics"] = status.get("metrics", {})
+        if not row["metrics"]:
+            row["state"], row["reason"] = "failed", "completed without evaluation results"
+    elif row["state"] == "running":
+        it = last_iteration(run_dir)
+        row["state"] = "incomplete"
+        row["reason"] = (f"no final result; last logged iteration {it} of "
+                         f"{status.get('protocol', {}).get('max_iter')}" if it is not None else
+                         "no final result; no iteration logged")
+    else:
+        row["reason"] = status.get("reason", "")
+    return row
+
+
+def collect(runs_root):
+    """DataFrame of every run directory under runs_root (empty frame if none)."""
+    dirs = sorted(d for d in glob.glob(os.path.join(runs_root, "*", "*", "seed*"))
+                  if os.path.isdir(d))
+    rows = [read_run(d) for d in dirs]
+    columns = ["task", "scale", "weights", "seed", "path", "state", "reason", "protocol",
+               "metrics", "metrics_wanted"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def long_metrics(runs):
+    """One row per (run, metric): the raw values behind every mean."""
+    rows = []
+    for r in runs.itertuples():
+        for k, v in r.metrics.items():
+            rows.append({"task": r.task, "scale": r.scale, "weights": r.weights, "seed": r.seed,
+                         "metric": k, "value": v, "state": r.state})
+    return pd.DataFrame(rows, columns=["task", "scale", "weights", "seed", "metric", "value",
+                                       "state"])

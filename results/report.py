@@ -1,0 +1,150 @@
+"""Write tables (Markdown, CSV, LaTeX), the raw values, plots and one HTML report."""
+import html
+import json
+import os
+import re
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from results.collect import long_metrics  # noqa: E402
+from results.tables import REFERENCE_WEIGHTS  # noqa: E402
+
+
+def slug(text):
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
+
+
+def write_text_atomic(path, text):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def table_markdown(table, decimals):
+    frame = table.frame(decimals)
+    body = frame.to_markdown() if len(frame) else "(no runs)"
+    return f"## {table.title} ({table.scale})\n\n{body}\n\n" + \
+        "".join(f"- {line}\n" for line in table.notes())
+
+
+def loss_curves(runs, task, scale, path):
+    """Training total_loss per weights (one line per seed) from detectron2's metrics.json."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    colors = {}
+    for r in runs[(runs["task"] == task) & (runs["scale"] == scale)].itertuples():
+        mpath = os.path.join(r.path, "metrics.json")
+        if not os.path.exists(mpath):
+            continue
+        its, losses = [], []
+        with open(mpath) as f:
+            for line in f:
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    continue
+                if "total_loss" in rec:
+                    its.append(rec["iteration"])
+                    losses.append(rec["total_loss"])
+        if its:
+            c = colors.setdefault(r.weights, f"C{len(colors)}")
+            ax.plot(its, losses, color=c, alpha=0.8,
+                    label=r.weights if r.weights not in ax.get_legend_handles_labels()[1] else None)
+    if not colors:
+        plt.close(fig)
+        return False
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("total loss")
+    ax.set_title(f"{task} ({scale}): training loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return True
+
+
+def delta_bars(table, path):
+    """Per metric, each non-supervised row's delta to supervised, with a ±1 std error bar
+    (std of the difference of means: sqrt(s1^2/n1 + s2^2/n2))."""
+    weights = [w for w in table.weights if w != REFERENCE_WEIGHTS]
+    cols = [(t, m) for t, m in table.columns if (REFERENCE_WEIGHTS, t, m) in table.stats]
+    if not weights or not cols:
+        return False
+    fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(cols) * len(weights)), 3.5))
+    width = 0.8 / len(weights)
+    for i, w in enumerate(weights):
+        deltas, errs = [], []
+        for t, m in cols:
+            ref, s = table.stats[(REFERENCE_WEIGHTS, t, m)], table.stats.get((w, t, m))
+            if s is None or not s.n:
+                deltas.append(np.nan)
+                errs.append(0)
+                continue
+            deltas.append(s.mean - ref.mean)
+            var = sum((x.std ** 2 / x.n) for x in (s, ref) if x.n >= 2)
+            errs.append(np.sqrt(var))
+        x = np.arange(len(cols)) + i * width
+        ax.bar(x, deltas, width, yerr=errs, capsize=3, label=w)
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_xticks(np.arange(len(cols)) + width * (len(weights) - 1) / 2)
+    ax.set_xticklabels([table.column_label(t, m) for t, m in cols], rotation=30, ha="right",
+                       fontsize=8)
+    ax.set_ylabel("delta to supervised")
+    ax.set_title(table.title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return True
+
+
+def write_report(runs, tables, out_dir, decimals=1):
+    """Write every output under out_dir; returns the list of files written."""
+    os.makedirs(os.path.join(out_dir, "plots"), exist_ok=True)
+    written = []
+    md_all = ["# Transfer results\n"]
+    html_parts = ["<html><head><meta charset='utf-8'><title>MoCo transfer results</title>"
+                  "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}"
+                  "table{border-collapse:collapse}td,th{border:1px solid #bbb;padding:3px 6px}"
+                  "</style></head><body><h1>MoCo transfer results</h1>"]
+    for table in tables:
+        name = slug(f"{table.title}_{table.scale}")
+        frame = table.frame(decimals)
+        md = table_markdown(table, decimals)
+        for ext, text in (("md", md), ("csv", frame.to_csv()),
+                          ("tex", frame.to_latex() if len(frame) else "")):
+            p = os.path.join(out_dir, f"{name}.{ext}")
+            write_text_atomic(p, text)
+            written.append(p)
+        md_all.append(md)
+        html_parts.append(f"<h2>{html.escape(table.title)} ({table.scale})</h2>")
+        html_parts.append(frame.to_html(escape=True))
+        html_parts.append("<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in table.notes())
+                          + "</ul>")
+        bar = os.path.join(out_dir, "plots", f"{name}_deltas.png")
+        if delta_bars(table, bar):
+            html_parts.append(f"<img src='plots/{os.path.basename(bar)}'>")
+            written.append(bar)
+        for task in dict.fromkeys(t for t, _ in table.columns):
+            curve = os.path.join(out_dir, "plots", f"{slug(task + '_' + table.scale)}_loss.png")
+            if loss_curves(runs, task, table.scale, curve):
+                html_parts.append(f"<img src='plots/{os.path.basename(curve)}'>")
+                written.append(curve)
+    raw = long_metrics(runs)
+    raw_path = os.path.join(out_dir, "runs.csv")
+    write_text_atomic(raw_path, raw.to_csv(index=False))
+    status_path = os.path.join(out_dir, "run_status.csv")
+    write_text_atomic(status_path, runs[["task", "scale", "weights", "seed", "state", "reason",
+                                         "path"]].to_csv(index=False))
+    html_parts.append("<h2>Every run</h2>" + runs[["task", "scale", "weights", "seed", "state",
+                                                    "reason"]].to_html(index=False))
+    html_parts.append("</body></html>")
+    md_path = os.path.join(out_dir, "results.md")
+    write_text_atomic(md_path, "\n".join(md_all))
+    html_path = os.path.join(out_dir, "report.html")
+    write_text_atomic(html_path, "\n".join(html_parts))
+    return written + [raw_path, status_path, md_path, html_path]

@@ -1,0 +1,152 @@
+"""Plan and run every task x weights x seed: ``make suite TASKS=... WEIGHTS=... SEEDS=5``.
+
+    python -m results.suite --tasks "voc_frcnn_c4_24k" --weights "moco=a.pkl supervised random" \
+        --seeds 5 [--scale smoke] [--dry-run] [--slurm --partition P --gpus-per-node 8 ...]
+
+Complete runs are skipped; interrupted or failed ones are started again and resume from their
+last checkpoint (train_net resumes by itself); the rest start fresh. Locally the runs go one
+after another; with --slurm each run is one submitit job (or one job array with --array), and
+a job that SLURM preempts is requeued and resumes.
+"""
+import argparse
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+
+from results.collect import read_run
+
+
+@dataclass
+class PlannedRun:
+    task: str
+    weights_spec: str
+    weights_name: str
+    seed: int
+    scale: str
+    run_dir: str
+    action: str  # skip | resume | start
+    why: str
+
+    def command(self, runs_root, num_gpus=1, extra=()):
+        return [sys.executable, "-m", "transfer.train_net", "--task", self.task, "--weights",
+                self.weights_spec, "--seed", str(self.seed), "--scale", self.scale,
+                "--runs", runs_root, "--num-gpus", str(num_gpus), *extra]
+
+
+def plan(tasks, weights, seeds, scale, runs_root):
+    """Every (task, weights, seed) with what to do about it."""
+    from transfer.config import parse_weights, run_dir
+    from transfer.tasks import known_tasks
+
+    unknown = [t for t in tasks if t not in known_tasks()]
+    if unknown:
+        raise SystemExit(f"unknown task(s) {unknown}. Known tasks: {', '.join(known_tasks())}")
+    planned = []
+    for task in tasks:
+        for spec in weights:
+            name = parse_weights(spec)[0]
+            for seed in seeds:
+                d = run_dir(runs_root, task, name, seed, scale)
+                if not os.path.isdir(d):
+                    action, why = "start", "new"
+                else:
+                    row = read_run(d)
+                    if row["state"] == "complete":
+                        action, why = "skip", "complete"
+                    else:
+                        action = "resume"
+                        why = f"{row['state']}" + (f": {row['reason']}" if row["reason"] else "")
+                planned.append(PlannedRun(task, spec, name, seed, scale, d, action, why))
+    return planned
+
+
+def run_local(planned, runs_root, num_gpus=1, extra=()):
+    failures = 0
+    todo = [p for p in planned if p.action != "skip"]
+    for i, p in enumerate(todo):
+        print(f"[suite] ({i + 1}/{len(todo)}) {p.action}: {p.task} / {p.weights_name} / "
+              f"seed {p.seed}", flush=True)
+        res = subprocess.run(p.command(runs_root, num_gpus, extra))
+        if res.returncode != 0:
+            failures += 1
+            print(f"[suite] run failed (exit {res.returncode}); see {p.run_dir}/status.json",
+                  flush=True)
+    return failures
+
+
+class _SlurmRun:
+    """A submitit callable: runs one transfer run; on preemption it is requeued and resumes."""
+
+    def __init__(self, cmd):
+        self.cmd = cmd
+
+    def __call__(self):
+        import submitit
+
+        env = submitit.JobEnvironment()
+        subprocess.run(self.cmd + ["--dist-url", f"tcp://{env.hostnames[0]}:29500"], check=True)
+
+    def checkpoint(self):
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(_SlurmRun(self.cmd))  # resumes from its dir
+
+
+def submit_slurm(planned, runs_root, args):
+    import submitit
+
+    executor = submitit.AutoExecutor(folder=os.path.join(runs_root, "slurm", "%j"))
+    executor.update_parameters(
+        nodes=1, gpus_per_node=args.gpus_per_node, tasks_per_node=1,
+        cpus_per_task=args.cpus_per_task, timeout_min=args.timeout_min,
+        slurm_partition=args.partition, name="moco-transfer")
+    todo = [p for p in planned if p.action != "skip"]
+    calls = [_SlurmRun(p.command(runs_root, args.gpus_per_node, args.opts)) for p in todo]
+    if args.array:
+        with executor.batch():
+            jobs = [executor.submit(c) for c in calls]
+    else:
+        jobs = [executor.submit(c) for c in calls]
+    for p, j in zip(todo, jobs):
+        print(f"[suite] submitted job {j.job_id}: {p.task} / {p.weights_name} / seed {p.seed}")
+    return jobs
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tasks", required=True, help="space-separated task names")
+    ap.add_argument("--weights", default="random",
+                    help="space-separated: NAME=path.pkl, path.pkl, supervised, random")
+    ap.add_argument("--seeds", default="1", help="a count N (seeds 0..N-1) or a list '0,3,7'")
+    ap.add_argument("--scale", default="full")
+    ap.add_argument("--runs", default="runs")
+    ap.add_argument("--num-gpus", type=int, default=1)
+    ap.add_argument("--dry-run", action="store_true", help="list the plan, run nothing")
+    ap.add_argument("--slurm", action="store_true", help="submit through submitit")
+    ap.add_argument("--array", action="store_true", help="with --slurm: one job array")
+    ap.add_argument("--partition", default=None)
+    ap.add_argument("--gpus-per-node", type=int, default=8)
+    ap.add_argument("--cpus-per-task", type=int, default=80)
+    ap.add_argument("--timeout-min", type=int, default=4320)
+    ap.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides for every run")
+    args = ap.parse_args(argv)
+    seeds = ([int(s) for s in args.seeds.split(",")] if "," in args.seeds
+             else list(range(int(args.seeds))))
+    planned = plan(args.tasks.split(), args.weights.split(), seeds, args.scale, args.runs)
+    for p in planned:
+        print(f"{p.action:>6}  {p.task:<26} {p.weights_name:<14} seed {p.seed:<3} {p.run_dir}"
+              f"  ({p.why})")
+    counts = {a: sum(p.action == a for p in planned) for a in ("start", "resume", "skip")}
+    print(f"[suite] {len(planned)} runs: {counts['start']} to start, {counts['resume']} to "
+          f"resume, {counts['skip']} complete")
+    if args.dry_run:
+        return 0
+    if args.slurm:
+        submit_slurm(planned, args.runs, args)
+        return 0
+    return 1 if run_local(planned, args.runs, args.num_gpus, args.opts) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
