@@ -1,0 +1,151 @@
+"""Results: numbers against hand-computed values, failed/missing/different-protocol runs, the
+suite planner, and one real smoke suite end to end."""
+import json
+import os
+
+import pytest
+
+from results.__main__ import main as results_main
+from results.collect import collect
+from results.suite import main as suite_main, plan
+from results.tables import build_tables, format_cell, Stat, welch_p
+from tests.conftest import requires_shared
+
+PROTOCOL = {"max_iter": 24000, "steps": [18000, 22000], "ims_per_batch": 16, "base_lr": 0.02,
+            "warmup_iters": 100, "norm": "naiveSyncBN", "min_size_train": [480, 800],
+            "min_size_test": 800, "num_gpus": 8, "scale": "full", "reference_world_size": 0}
+METRICS = ["bbox/AP50", "bbox/AP", "bbox/AP75"]
+
+
+def write_run(root, weights, seed, metrics=None, state="complete", reason="", protocol=None,
+              task="voc_frcnn_c4_24k"):
+    d = os.path.join(root, task, weights, f"seed{seed}")
+    os.makedirs(d, exist_ok=True)
+    rec = {"task": task, "weights": weights, "seed": seed, "scale": "full", "state": state,
+           "protocol": protocol or PROTOCOL, "metrics_wanted": METRICS}
+    if state == "complete":
+        rec["metrics"] = metrics
+        with open(os.path.join(d, "results.json"), "w") as f:
+            json.dump(rec, f)
+    else:
+        rec["reason"] = reason
+    with open(os.path.join(d, "status.json"), "w") as f:
+        json.dump(rec, f)
+    with open(os.path.join(d, "metrics.json"), "w") as f:
+        for it in range(3):
+            f.write(json.dumps({"iteration": it, "total_loss": 3.0 - it * 0.5 - seed * 0.1}) + "\n")
+    return d
+
+
+def m(ap50, ap, ap75):
+    return {"bbox/AP50": ap50, "bbox/AP": ap, "bbox/AP75": ap75}
+
+
+@pytest.fixture
+def tree(tmp_path):
+    root = str(tmp_path / "runs")
+    for seed, v in enumerate([80.0, 81.0, 82.0]):
+        write_run(root, "supervised", seed, m(v, 50.0 + seed, 55.0))
+    for seed, v in enumerate([83.0, 84.0]):  # seed 2 missing
+        write_run(root, "moco", seed, m(v, 50.5 + seed, 60.0))
+    write_run(root, "moco", 3, state="diverged", reason="FloatingPointError: Loss became NaN")
+    write_run(root, "random", 0, m(60.0, 33.0, 33.0))
+    write_run(root, "random", 1, m(99.0, 99.0, 99.0), protocol=dict(PROTOCOL, max_iter=12000))
+    return root
+
+
+def test_statistics_match_hand_computed_values():
+    sup, moco = Stat([80.0, 81.0, 82.0]), Stat([83.0, 84.0])
+    assert (sup.mean, sup.std, sup.n) == (81.0, 1.0, 3)
+    assert moco.mean == 83.5 and moco.std == pytest.approx(0.7071068, abs=1e-6)
+    # Welch, written out: t = 2.5 / sqrt(1/3 + 0.5/2); Welch-Satterthwaite df
+    from scipy.stats import t as student_t
+
+    v1, v2 = 0.5 / 2, 1.0 / 3
+    t = 2.5 / (v1 + v2) ** 0.5
+    df = (v1 + v2) ** 2 / (v1 ** 2 / 1 + v2 ** 2 / 2)
+    assert t == pytest.approx(3.2733, abs=1e-4) and df == pytest.approx(2.8824, abs=1e-4)
+    p = 2 * student_t.sf(t, df)
+    assert welch_p(moco.values, sup.values) == pytest.approx(p, rel=1e-9)
+    assert p == pytest.approx(0.0494, abs=1e-3)
+    assert format_cell(moco, sup) == "83.5 ± 0.7 (2) (+2.5*)"
+    assert format_cell(Stat([81.5, 80.5]), sup) == "81.0 ± 0.7 (2) (+0.0)"
+    big = Stat([90.0, 91.0, 92.0])
+    assert welch_p(big.values, sup.values) < 0.05
+    assert format_cell(big, sup) == "91.0 ± 1.0 (3) (+10.0*)"
+    assert format_cell(Stat([60.0]), sup) == "60.0 (1) (-21.0)"
+
+
+def test_tables_from_a_run_tree(tree):
+    tables = build_tables(collect(tree))
+    assert len(tables) == 2  # the 12000-iteration run is never averaged with the others
+    main, other = tables
+    frame = main.frame()
+    assert list(frame.columns) == METRICS
+    assert frame.loc["supervised", "bbox/AP50"] == "81.0 ± 1.0 (3)"
+    assert frame.loc["moco", "bbox/AP50"] == "83.5 ± 0.7 (2) (+2.5*)"
+    assert frame.loc["moco", "bbox/AP"] == "51.0 ± 0.7 (2) (+0.0)"  # 50.5, 51.5 vs 50, 51, 52
+    assert frame.loc["moco", "bbox/AP75"] == "60.0 ± 0.0 (2) (+5.0*)"  # exact, 0 spread
+    assert frame.loc["random init", "bbox/AP50"] == "60.0 (1) (-21.0)"
+    assert frame.loc["paper: MoCo IN-1M", "bbox/AP"] == "55.9"
+    notes = "\n".join(main.notes())
+    assert "moco / seed 3: diverged (FloatingPointError: Loss became NaN)" in notes
+    assert "24000 iterations" in notes and "8 GPU(s)" in notes and "ddof=1" in notes
+    assert "protocol variant 2" in other.title
+    assert other.frame().loc["random init", "bbox/AP50"] == "99.0 (1)"
+    assert "12000 iterations" in "\n".join(other.notes())
+
+
+def test_make_results_writes_every_format(tree, tmp_path):
+    out = str(tmp_path / "out")
+    assert results_main(["--runs", tree, "--out", out]) == 0
+    names = sorted(os.listdir(out))
+    for ext in ("md", "csv", "tex"):
+        assert any(n.endswith("." + ext) and n.startswith("table_2b") for n in names)
+    html = open(os.path.join(out, "report.html")).read()
+    assert "83.5 ± 0.7 (2) (+2.5*)" in html and "diverged" in html and "<img" in html
+    raw = open(os.path.join(out, "runs.csv")).read()
+    assert "moco,1,bbox/AP50,84.0" in raw
+    assert os.path.exists(os.path.join(out, "plots", "voc_frcnn_c4_24k_full_loss.png"))
+
+
+def test_suite_planner_skip_resume_start_and_dry_run(tree, capsys):
+    planned = plan(["voc_frcnn_c4_24k"], ["moco=m.pkl", "supervised"], [0, 2, 3], "full", tree)
+    actions = {(p.weights_name, p.seed): p.action for p in planned}
+    assert actions == {("moco", 0): "skip", ("moco", 2): "start", ("moco", 3): "resume",
+                       ("supervised", 0): "skip", ("supervised", 2): "skip",
+                       ("supervised", 3): "start"}
+    assert suite_main(["--tasks", "voc_frcnn_c4_24k", "--weights", "moco=m.pkl supervised",
+                       "--seeds", "0,2,3", "--runs", tree, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "2 to start, 1 to resume, 3 complete" in out
+    assert not os.path.exists(os.path.join(tree, "voc_frcnn_c4_24k", "moco", "seed2"))
+
+
+@requires_shared
+def test_real_smoke_suite_two_weights_two_seeds_end_to_end(tmp_path):
+    import torch
+    import torchvision
+
+    from convert.to_detectron2 import convert, write_atomic
+
+    torch.manual_seed(0)
+    sd = torchvision.models.resnet50().state_dict()
+    torch.save({"arch": "resnet50", "state_dict": {f"module.encoder_q.{k}": v
+                                                   for k, v in sd.items()}}, tmp_path / "m.pth")
+    obj, _ = convert(str(tmp_path / "m.pth"))
+    write_atomic(obj, str(tmp_path / "m.pkl"))
+    runs, out = str(tmp_path / "runs"), str(tmp_path / "out")
+    args = ["--tasks", "voc_frcnn_dc5_24k", "--weights", f"moco={tmp_path / 'm.pkl'} random",
+            "--seeds", "2", "--scale", "smoke", "--runs", runs, "SOLVER.MAX_ITER", "2"]
+    assert suite_main(args) == 0
+    assert results_main(["--runs", runs, "--out", out]) == 0
+    runs_df = collect(runs)
+    assert sorted(runs_df["state"]) == ["complete"] * 4
+    frame = build_tables(runs_df)[0].frame()
+    assert list(frame.index) == ["random init", "moco"]
+    assert all(frame.loc[w, "bbox/AP50"].split(" (")[-1].startswith("2)")
+               for w in ("random init", "moco"))
+    assert "Table 2a" in open(os.path.join(out, "results.md")).read()
+    assert os.path.exists(os.path.join(out, "report.html"))
+    assert suite_main(args + ["--dry-run"]) == 0  # complete runs are now skipped
