@@ -26,8 +26,10 @@ from pretrain.builder import MoCo
 
 logger = logging.getLogger("pretrain")
 
-EMBEDDED_DEFAULTS = dict(arch="resnet18", epochs=6, batch_size=64, moco_k=4096, image_size=64,
-                         schedule=[4, 5], shuffle_groups=4, workers=2)
+# The embedded default: a demonstration that learns something in ~1 minute on 2 CPU cores
+# (a short queue that fills in 8 iterations, a faster key encoder, a larger lr), not the paper.
+EMBEDDED_DEFAULTS = dict(arch="resnet18", epochs=10, batch_size=64, moco_k=512, moco_m=0.99,
+                         lr=0.06, image_size=64, schedule=[8, 9], shuffle_groups=4, workers=2)
 
 
 def get_args_parser():
@@ -48,7 +50,7 @@ def get_args_parser():
                    help="cosine schedule (default: 1 for v2, 0 for v1)")
     p.add_argument("--moco-dim", type=int, default=128)
     p.add_argument("--moco-k", type=int, default=None, help="queue size (default 65536)")
-    p.add_argument("--moco-m", type=float, default=0.999)
+    p.add_argument("--moco-m", type=float, default=None, help="default 0.999")
     p.add_argument("--moco-t", type=float, default=None, help="default 0.07 (v1), 0.2 (v2)")
     p.add_argument("--image-size", type=int, default=None, help="crop size (default 224)")
     p.add_argument("--shuffle-groups", type=int, default=None,
@@ -75,8 +77,8 @@ def get_args_parser():
 def resolve_args(args):
     """Fill paper defaults, or the embedded-default schedule when no --data is given."""
     embedded = not args.data
-    base = dict(arch="resnet50", epochs=200, batch_size=256, moco_k=65536, image_size=224,
-                schedule=[120, 160], shuffle_groups=8, workers=8)
+    base = dict(arch="resnet50", epochs=200, batch_size=256, moco_k=65536, moco_m=0.999,
+                lr=None, image_size=224, schedule=[120, 160], shuffle_groups=8, workers=8)
     if embedded:
         base.update(EMBEDDED_DEFAULTS)
         from pretrain.synthetic import generate

@@ -143,10 +143,12 @@ def scale_smoke(cfg, max_iter=20):
     cfg.SOLVER.MAX_ITER = max_iter
     cfg.SOLVER.WARMUP_ITERS = min(cfg.SOLVER.WARMUP_ITERS, max(1, max_iter // 4))
     cfg.SOLVER.CHECKPOINT_PERIOD = max(1, max_iter // 2)
-    cfg.INPUT.MIN_SIZE_TRAIN = (224, 256)
-    cfg.INPUT.MAX_SIZE_TRAIN = 400
-    cfg.INPUT.MIN_SIZE_TEST = 256
-    cfg.INPUT.MAX_SIZE_TEST = 400
+    if max(cfg.INPUT.MIN_SIZE_TRAIN) > 256:  # small images (tasks already smaller stay as is)
+        cfg.INPUT.MIN_SIZE_TRAIN = (224, 256)
+        cfg.INPUT.MAX_SIZE_TRAIN = 400
+    if cfg.INPUT.MIN_SIZE_TEST > 256:
+        cfg.INPUT.MIN_SIZE_TEST = 256
+        cfg.INPUT.MAX_SIZE_TEST = 400
     if cfg.INPUT.CROP.ENABLED and cfg.INPUT.CROP.TYPE == "absolute":
         cfg.INPUT.CROP.SIZE = [min(s, 192) for s in cfg.INPUT.CROP.SIZE]
     cfg.MODEL.RPN.PRE_NMS_TOPK_TRAIN = min(cfg.MODEL.RPN.PRE_NMS_TOPK_TRAIN, 1000)

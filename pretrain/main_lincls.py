@@ -1,0 +1,88 @@
+"""Linear classification on frozen features of a pretrained ResNet (the paper's protocol).
+
+    python -m pretrain.main_lincls --data /path/to/imagenet/train --val-data .../val \
+        --pretrained runs/pretrain/moco_v2_resnet50/checkpoint_0200.pth.tar
+
+Defaults: fc trained 100 epochs, lr 30 (x0.1 at 60 and 80), momentum 0.9, wd 0, batch 256;
+every other layer frozen and BN in eval mode. Without --val-data a fixed 20% of --data is held out.
+"""
+import argparse
+import os
+
+import torch
+import torch.nn as nn
+import torchvision
+
+from pretrain import classify, engine, loader
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser("linear classification on frozen features")
+    p.add_argument("--data", required=True, help="labeled ImageFolder tree")
+    p.add_argument("--val-data", default="")
+    p.add_argument("--pretrained", required=True, help="a MoCo checkpoint (make pretrain)")
+    p.add_argument("--output", default="")
+    p.add_argument("--arch", default=None, help="default: the checkpoint's arch")
+    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--lr", type=float, default=30.0)
+    p.add_argument("--wd", type=float, default=0.0)
+    p.add_argument("--schedule", type=int, nargs="*", default=[60, 80])
+    p.add_argument("--cos", type=int, default=0)
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--print-freq", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def load_query_encoder(path, arch=None, num_classes=1000):
+    """A torchvision ResNet with the MoCo query encoder's weights; fc re-initialised."""
+    ck = torch.load(path, map_location="cpu", weights_only=False)
+    arch = arch or ck.get("arch", "resnet50")
+    model = getattr(torchvision.models, arch)(num_classes=num_classes)
+    prefix = "module.encoder_q."
+    state = {k[len(prefix):]: v for k, v in ck["state_dict"].items()
+             if k.startswith(prefix) and not k.startswith(prefix + "fc.")}
+    if not state:
+        raise SystemExit(f"{path}: no '{prefix}*' keys: not a MoCo checkpoint")
+    missing = model.load_state_dict(state, strict=False).missing_keys
+    if set(missing) != {"fc.weight", "fc.bias"}:
+        raise SystemExit(f"{path}: encoder does not fit {arch}; missing {missing[:5]}")
+    nn.init.normal_(model.fc.weight, 0.0, 0.01)
+    nn.init.zeros_(model.fc.bias)
+    return model, arch
+
+
+def main(args):
+    engine.setup_logging(args.output, 0)
+    torch.manual_seed(args.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    train_set, val_set = classify.split_folder(
+        args.data, loader.supervised_augmentation(args.image_size),
+        loader.eval_transform(args.image_size), args.val_data, args.seed)
+    classes = (train_set.dataset if hasattr(train_set, "dataset") else train_set).classes
+    model, arch = load_query_encoder(args.pretrained, args.arch, len(classes))
+    if not args.output:
+        args.output = os.path.join(os.path.dirname(os.path.abspath(args.pretrained)), "lincls")
+    os.makedirs(args.output, exist_ok=True)
+    for name, p in model.named_parameters():
+        p.requires_grad = name in ("fc.weight", "fc.bias")
+    model.to(device)
+
+    def frozen_mode(m):
+        m.eval()  # BN statistics stay those of pretraining
+
+    def ckpt(epoch, optimizer, top1):
+        return {"epoch": epoch, "arch": arch, "top1": top1, "optimizer": optimizer.state_dict(),
+                "state_dict": {"module." + k: v for k, v in model.state_dict().items()}}
+
+    top1 = classify.train_classifier(model, train_set, val_set, args, device,
+                                     [model.fc.weight, model.fc.bias], frozen_mode, ckpt)
+    print(f"linear evaluation: val top-1 {top1:.2f}%")
+    return top1
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
