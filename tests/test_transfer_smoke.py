@@ -114,3 +114,16 @@ def test_dry_run_prints_resolved_config_and_unknown_task_lists_tasks(tmp_path):
     res = subprocess.run([sys.executable, "-m", "transfer.train_net", "--task", "nope"],
                          capture_output=True, text=True, cwd=ROOT)
     assert res.returncode != 0 and "coco_mask_fpn_2x" in res.stderr
+
+
+def test_cityscapes_instance_task_on_generated_fixture(dataset_root, tmp_path):
+    from tests.fixtures import write_cityscapes
+    from transfer.train_net import run
+
+    write_cityscapes(dataset_root)
+    run(["--task", "cityscapes_mask_fpn_24k", "--weights", "random", "--scale", "smoke",
+         "--runs", str(tmp_path), "SOLVER.MAX_ITER", "2"])
+    res = read(os.path.join(tmp_path, "cityscapes_mask_fpn_24k@smoke", "random", "seed0"),
+               "results.json")
+    assert res["state"] == "complete"
+    assert {"segm/AP", "segm/AP50"} <= set(res["metrics"])  # cityscapesscripts' evaluation
