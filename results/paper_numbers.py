@@ -58,9 +58,9 @@ PAPER = {
         "paper: MoCo IG-1B": {"segm/AP50": 60.3},
     },
     "cityscapes_semseg_fcn_90k": {
-        "paper: supervised IN-1M": {"sem_seg/mIoU": 74.6},
-        "paper: MoCo IN-1M": {"sem_seg/mIoU": 75.3},
-        "paper: MoCo IG-1B": {"sem_seg/mIoU": 75.5},
+        "paper: supervised IN-1M": {"sem_seg/IoU": 74.6},
+        "paper: MoCo IN-1M": {"sem_seg/IoU": 75.3},
+        "paper: MoCo IG-1B": {"sem_seg/IoU": 75.5},
     },
     "voc_semseg_fcn_30k": {
         "paper: supervised IN-1M": {"sem_seg/mIoU": 74.4},

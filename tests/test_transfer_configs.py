@@ -188,3 +188,11 @@ def test_weights_that_fit_nothing_are_refused(tmp_path):
     model = Trainer.build_model(cfg)
     with pytest.raises(WeightsNotLoaded, match="were not filled"):
         load_pretrained(model, str(bad))
+
+
+@pytest.mark.parametrize("task", known_tasks())
+def test_every_task_name_schedule_token_matches_its_iterations(task):
+    cfg = get_cfg()
+    cfg.merge_from_file(task_config_path(task))
+    assert cfg.SOLVER.MAX_ITER == schedule_iterations(task)
+    assert all(s < cfg.SOLVER.MAX_ITER for s in cfg.SOLVER.STEPS)

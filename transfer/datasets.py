@@ -34,7 +34,9 @@ LAYOUTS = {
                            "and {root}/cityscapes/gtFine/{{train,val}}/<city>/*_gtFine_"
                            "{{instanceIds,labelIds,polygons.json}}",
     "cityscapes_sem_seg": "{root}/cityscapes/leftImg8bit/... and gtFine/*_labelTrainIds.png",
-    "sem_seg": "images and label PNGs (see the task config)",
+    "sem_seg": "{root}/VOC2012/JPEGImages/*.jpg, {root}/VOC2012/SegmentationClassAug/*.png and "
+               "{root}/VOC2012/ImageSets/Segmentation/{{train_aug,val}}.txt (SBD-augmented "
+               "VOC 2012: 10582 train_aug, 1449 val)",
 }
 
 
@@ -48,10 +50,11 @@ def _paths_to_check(meta):
     if et.startswith("cityscapes"):
         return [(meta.image_dir, True), (meta.gt_dir, True)]
     paths = []
-    if "json_file" in meta.as_dict():
-        paths.append((meta.json_file, False))
-    if "image_root" in meta.as_dict():
-        paths.append((meta.image_root, True))
+    d = meta.as_dict()
+    for key, is_dir in (("json_file", False), ("image_root", True), ("sem_seg_root", True),
+                        ("list_file", False)):
+        if key in d:
+            paths.append((d[key], is_dir))
     return paths
 
 
@@ -96,3 +99,12 @@ def register_synthetic(root=None):
 
 
 register_synthetic()
+
+
+def _register_voc_sem_seg():
+    from transfer.semseg import register_voc_sem_seg
+
+    register_voc_sem_seg(dataset_root())
+
+
+_register_voc_sem_seg()

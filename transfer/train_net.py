@@ -83,9 +83,30 @@ class Trainer(DefaultTrainer):
                            f"'{et}'; known types: {', '.join(EVALUATORS)}")
         return DatasetEvaluators([EVALUATORS[et](dataset_name, cfg, out)])
 
+    @classmethod
+    def build_train_loader(cls, cfg):
+        if cfg.MODEL.META_ARCHITECTURE == "SemanticSegmentor":
+            from detectron2.data import build_detection_train_loader
+            from transfer.semseg import SemSegCropMapper
+
+            return build_detection_train_loader(cfg, mapper=SemSegCropMapper(cfg, True))
+        return super().build_train_loader(cfg)
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        if cfg.MODEL.META_ARCHITECTURE == "SemanticSegmentor":  # full-size inference
+            from detectron2.data import build_detection_test_loader
+            from transfer.semseg import SemSegCropMapper
+
+            return build_detection_test_loader(cfg, dataset_name,
+                                               mapper=SemSegCropMapper(cfg, False))
+        return super().build_test_loader(cfg, dataset_name)
+
     def build_hooks(self):
         hook_list = super().build_hooks()
         for i, h in enumerate(hook_list):
+            if type(h) is hooks.PeriodicWriter and self.cfg.MOCO_TRANSFER.SCALE != "full":
+                hook_list[i] = hooks.PeriodicWriter(self.build_writers(), period=1)  # short runs
             if type(h) is hooks.PreciseBN:  # same period/model/loader, synced statistics
                 hook_list[i] = SyncedPreciseBN(
                     self.cfg.TEST.EVAL_PERIOD, self.model,
