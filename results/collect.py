@@ -16,20 +16,25 @@ def _read_json(path):
         return None
 
 
+def metrics_records(run_dir):
+    """The JSON lines of detectron2's metrics.json (malformed lines skipped)."""
+    path = os.path.join(run_dir, "metrics.json")
+    if not os.path.exists(path):
+        return []
+    records = []
+    with open(path) as f:
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                continue
+    return records
+
+
 def last_iteration(run_dir):
     """Last training iteration recorded in detectron2's metrics.json, or None."""
-    last = None
-    path = os.path.join(run_dir, "metrics.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            for line in f:
-                try:
-                    rec = json.loads(line)
-                except ValueError:
-                    continue
-                if "iteration" in rec:
-                    last = rec["iteration"]
-    return last
+    its = [r["iteration"] for r in metrics_records(run_dir) if "iteration" in r]
+    return its[-1] if its else None
 
 
 def read_run(run_dir):

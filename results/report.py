@@ -1,6 +1,5 @@
 """Write tables (Markdown, CSV, LaTeX), the raw values, plots and one HTML report."""
 import html
-import json
 import os
 import re
 
@@ -10,7 +9,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from results.collect import long_metrics  # noqa: E402
+from results.collect import long_metrics, metrics_records  # noqa: E402
 from results.tables import REFERENCE_WEIGHTS  # noqa: E402
 
 
@@ -37,19 +36,9 @@ def loss_curves(runs, task, scale, path):
     fig, ax = plt.subplots(figsize=(6, 3.5))
     colors = {}
     for r in runs[(runs["task"] == task) & (runs["scale"] == scale)].itertuples():
-        mpath = os.path.join(r.path, "metrics.json")
-        if not os.path.exists(mpath):
-            continue
-        its, losses = [], []
-        with open(mpath) as f:
-            for line in f:
-                try:
-                    rec = json.loads(line)
-                except ValueError:
-                    continue
-                if "total_loss" in rec:
-                    its.append(rec["iteration"])
-                    losses.append(rec["total_loss"])
+        recs = [rec for rec in metrics_records(r.path) if "total_loss" in rec]
+        its = [rec["iteration"] for rec in recs]
+        losses = [rec["total_loss"] for rec in recs]
         if its:
             c = colors.setdefault(r.weights, f"C{len(colors)}")
             ax.plot(its, losses, color=c, alpha=0.8,

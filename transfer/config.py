@@ -22,19 +22,9 @@ CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 MSRA_R50 = "detectron2://ImageNetPretrained/MSRA/R-50.pkl"
 RESERVED_WEIGHTS = ("supervised", "random")
 
-# Normalisation the weights expect (PROTOCOL.md section 3). Random init uses the MoCo one.
-RGB_TORCHVISION = {
-    "INPUT.FORMAT": "RGB",
-    "MODEL.PIXEL_MEAN": [123.675, 116.28, 103.53],
-    "MODEL.PIXEL_STD": [58.395, 57.12, 57.375],
-    "MODEL.RESNETS.STRIDE_IN_1X1": False,
-}
-BGR_MSRA = {
-    "INPUT.FORMAT": "BGR",
-    "MODEL.PIXEL_MEAN": [103.53, 116.28, 123.675],
-    "MODEL.PIXEL_STD": [1.0, 1.0, 1.0],
-    "MODEL.RESNETS.STRIDE_IN_1X1": True,
-}
+# Normalisation the weights expect (PROTOCOL.md section 3), one definition shared with the
+# converter. Random init uses the MoCo (RGB, torchvision) one.
+from convert.formats import BGR_MSRA, RGB_TORCHVISION  # noqa: E402
 
 
 def add_moco_transfer_config(cfg):
