@@ -3,9 +3,9 @@
 Shuffle BN comes in two forms:
 - under torch.distributed, keys are computed on a batch shuffled across processes and then
   unshuffled, as in the reference code;
-- on one process, every BatchNorm computes its statistics on `num_splits` consecutive chunks
+- on one process, every BatchNorm computes its statistics on `num_splits` interleaved groups
   of the batch (``SplitBatchNorm``), as N GPUs would, and the key encoder sees the batch shuffled
-  before chunking; a query and its own key share statistics only by chance (1/N), as with DDP.
+  before grouping; a query and its own key share statistics only by chance (1/N), as with DDP.
 """
 import torch
 import torch.distributed as dist
@@ -16,10 +16,10 @@ import torch.nn.functional as F
 class SplitBatchNorm(nn.BatchNorm2d):
     """BatchNorm whose training statistics are computed per group of samples.
 
-    The batch is cut into `num_splits` consecutive chunks, as DDP hands consecutive chunks of
-    the global batch to the GPUs. Each chunk goes through the native batch-norm kernel (a view,
-    no copy, any memory format), with its own copy of the running statistics; the running
-    statistics are then the mean over the chunks, as averaging per-GPU statistics would be.
+    Sample n belongs to group n % num_splits. For a contiguous (NCHW) input the groups fold into
+    the channel axis as a free view, (N, C, H, W) -> (N / g, g * C, H, W), so one native
+    batch-norm call computes all groups' statistics (other memory formats pay one copy). The
+    running statistics are the mean over groups, as averaging per-GPU statistics would be.
     """
 
     def __init__(self, num_features, num_splits, **kw):
@@ -29,21 +29,20 @@ class SplitBatchNorm(nn.BatchNorm2d):
     def forward(self, x):
         if not self.training or self.num_splits == 1:
             return super().forward(x)
-        n, g = x.shape[0], self.num_splits
+        n, c, h, w = x.shape
+        g = self.num_splits
         if n % g:
             raise ValueError(f"batch {n} is not divisible by shuffle-BN groups {g}")
         if self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
-        outs, means, vars_ = [], [], []
-        for chunk in x.chunk(g, dim=0):
-            rm, rv = self.running_mean.clone(), self.running_var.clone()
-            outs.append(F.batch_norm(chunk, rm, rv, self.weight, self.bias, True, self.momentum,
-                                     self.eps))
-            means.append(rm)
-            vars_.append(rv)
-        self.running_mean.copy_(torch.stack(means).mean(0))
-        self.running_var.copy_(torch.stack(vars_).mean(0))
-        return torch.cat(outs, dim=0)
+        mean_split = self.running_mean.repeat(g)
+        var_split = self.running_var.repeat(g)
+        out = F.batch_norm(x.contiguous().view(n // g, g * c, h, w), mean_split, var_split,
+                           self.weight.repeat(g), self.bias.repeat(g), True, self.momentum,
+                           self.eps).view(n, c, h, w)
+        self.running_mean.copy_(mean_split.view(g, c).mean(0))
+        self.running_var.copy_(var_split.view(g, c).mean(0))
+        return out
 
 
 def split_bn_norm_layer(num_splits):
