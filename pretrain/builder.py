@@ -16,10 +16,14 @@ import torch.nn.functional as F
 class SplitBatchNorm(nn.BatchNorm2d):
     """BatchNorm whose training statistics are computed per group of samples.
 
-    Sample n belongs to group n % num_splits. For a contiguous (NCHW) input the groups fold into
-    the channel axis as a free view, (N, C, H, W) -> (N / g, g * C, H, W), so one native
-    batch-norm call computes all groups' statistics (other memory formats pay one copy). The
-    running statistics are the mean over groups, as averaging per-GPU statistics would be.
+    The batch is partitioned into `num_splits` equal groups without copying it:
+    - NCHW-contiguous input: sample n is in group n % g; groups fold into the channel axis as a
+      free view (N, C, H, W) -> (N / g, g * C, H, W) and one native batch-norm call does all;
+    - channels_last input: group k is the k-th consecutive chunk (as DDP cuts the global batch);
+      each chunk is a view that goes through the native channels_last batch-norm kernel.
+    Either way a query and its key land in the same group only by chance (the key batch is
+    shuffled first). The running statistics are the mean over groups, as averaging per-GPU
+    statistics would be.
     """
 
     def __init__(self, num_features, num_splits, **kw):
@@ -35,13 +39,25 @@ class SplitBatchNorm(nn.BatchNorm2d):
             raise ValueError(f"batch {n} is not divisible by shuffle-BN groups {g}")
         if self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
-        mean_split = self.running_mean.repeat(g)
-        var_split = self.running_var.repeat(g)
-        out = F.batch_norm(x.contiguous().view(n // g, g * c, h, w), mean_split, var_split,
-                           self.weight.repeat(g), self.bias.repeat(g), True, self.momentum,
-                           self.eps).view(n, c, h, w)
-        self.running_mean.copy_(mean_split.view(g, c).mean(0))
-        self.running_var.copy_(var_split.view(g, c).mean(0))
+        if x.is_contiguous():
+            mean_split = self.running_mean.repeat(g)
+            var_split = self.running_var.repeat(g)
+            out = F.batch_norm(x.view(n // g, g * c, h, w), mean_split, var_split,
+                               self.weight.repeat(g), self.bias.repeat(g), True, self.momentum,
+                               self.eps).view(n, c, h, w)
+            means, vars_ = mean_split.view(g, c), var_split.view(g, c)
+        else:
+            outs, means, vars_ = [], [], []
+            for chunk in x.chunk(g, dim=0):
+                rm, rv = self.running_mean.clone(), self.running_var.clone()
+                outs.append(F.batch_norm(chunk, rm, rv, self.weight, self.bias, True,
+                                         self.momentum, self.eps))
+                means.append(rm)
+                vars_.append(rv)
+            out = torch.cat(outs, dim=0)
+            means, vars_ = torch.stack(means), torch.stack(vars_)
+        self.running_mean.copy_(means.mean(0))
+        self.running_var.copy_(vars_.mean(0))
         return out
 
 

@@ -87,17 +87,20 @@ def test_single_process_shuffle_roundtrip_returns_original_order():
     torch.testing.assert_close(k, nn.functional.normalize(x.flatten(1), dim=1))
 
 
-def test_split_batchnorm_equals_per_group_batchnorm():
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_split_batchnorm_equals_per_group_batchnorm(channels_last):
     torch.manual_seed(0)
     x = torch.randn(8, 3, 4, 4)
+    if channels_last:  # groups = consecutive chunks
+        x = x.contiguous(memory_format=torch.channels_last)
+        groups = [torch.arange(2 * g, 2 * g + 2) for g in range(4)]
+    else:  # groups = samples n with n % 4 == g
+        groups = [torch.arange(g, 8, 4) for g in range(4)]
     split = SplitBatchNorm(3, num_splits=4)
     out = split(x)
-    for g in range(4):
-        bn = nn.BatchNorm2d(3)
-        idx = torch.arange(g, 8, 4)  # group g = samples n with n % 4 == g
-        torch.testing.assert_close(out[idx], bn(x[idx]), atol=1e-5, rtol=1e-5)
-    groups = torch.stack([x[g::4] for g in range(4)])
-    expected_mean = 0.9 * 0 + 0.1 * groups.mean(dim=(1, 3, 4)).mean(0)
+    for idx in groups:
+        torch.testing.assert_close(out[idx], nn.BatchNorm2d(3)(x[idx]), atol=1e-5, rtol=1e-5)
+    expected_mean = 0.1 * torch.stack([x[idx].mean(dim=(0, 2, 3)) for idx in groups]).mean(0)
     torch.testing.assert_close(split.running_mean, expected_mean, atol=1e-6, rtol=1e-5)
 
 
