@@ -108,7 +108,7 @@ def bench_pretrain(lines, steps):
         "|---|" + "---|" * len(fast_losses),
         "| default | " + " | ".join(f"{v:.3f}" for v in fast_losses) + " |",
         "| fp32 | " + " | ".join(f"{v:.3f}" for v in plain_losses) + " |",
-        f"| abs diff | " + " | ".join(f"{abs(a - b):.3f}" for a, b in zip(fast_losses,
+        "| abs diff | " + " | ".join(f"{abs(a - b):.3f}" for a, b in zip(fast_losses,
                                                                        plain_losses)) + " |",
         "",
     ]

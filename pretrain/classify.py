@@ -24,6 +24,20 @@ def split_folder(folder, transform_train, transform_eval, val_folder=None, seed=
             torch.utils.data.Subset(val, perm[:n_val]))
 
 
+def setup_run(args):
+    """Logging, seed, device and the labeled train/val sets of a classification run.
+    Returns (device, train set, val set, class names)."""
+    os.makedirs(args.output, exist_ok=True)
+    engine.setup_logging(args.output, 0)
+    torch.manual_seed(args.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    train_set, val_set = split_folder(
+        args.data, loader.supervised_augmentation(args.image_size),
+        loader.eval_transform(args.image_size), args.val_data, args.seed)
+    classes = (train_set.dataset if hasattr(train_set, "dataset") else train_set).classes
+    return device, train_set, val_set, classes
+
+
 @torch.no_grad()
 def evaluate(model, data, device, amp_dtype):
     model.eval()

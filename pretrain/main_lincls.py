@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from pretrain import classify, engine, loader
+from pretrain import classify
 
 
 def get_args_parser():
@@ -56,17 +56,10 @@ def load_query_encoder(path, arch=None, num_classes=1000):
 
 
 def main(args):
-    engine.setup_logging(args.output, 0)
-    torch.manual_seed(args.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    train_set, val_set = classify.split_folder(
-        args.data, loader.supervised_augmentation(args.image_size),
-        loader.eval_transform(args.image_size), args.val_data, args.seed)
-    classes = (train_set.dataset if hasattr(train_set, "dataset") else train_set).classes
-    model, arch = load_query_encoder(args.pretrained, args.arch, len(classes))
     if not args.output:
         args.output = os.path.join(os.path.dirname(os.path.abspath(args.pretrained)), "lincls")
-    os.makedirs(args.output, exist_ok=True)
+    device, train_set, val_set, classes = classify.setup_run(args)
+    model, arch = load_query_encoder(args.pretrained, args.arch, len(classes))
     for name, p in model.named_parameters():
         p.requires_grad = name in ("fc.weight", "fc.bias")
     model.to(device)

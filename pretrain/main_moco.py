@@ -15,7 +15,6 @@ import argparse
 import json
 import logging
 import os
-import time
 
 import torch
 import torch.nn as nn

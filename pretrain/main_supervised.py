@@ -10,10 +10,9 @@ state_dict: module.<torchvision keys>, optimizer, format}, which convert/to_dete
 import argparse
 import os
 
-import torch
 import torchvision
 
-from pretrain import classify, engine, loader
+from pretrain import classify
 
 
 def get_args_parser():
@@ -55,13 +54,7 @@ def main(args):
     if not args.output:
         args.output = os.path.join("runs", "pretrain",
                                    f"supervised_{args.arch}" + ("_embedded" * embedded))
-    engine.setup_logging(args.output, 0)
-    torch.manual_seed(args.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    train_set, val_set = classify.split_folder(
-        args.data, loader.supervised_augmentation(args.image_size),
-        loader.eval_transform(args.image_size), args.val_data, args.seed)
-    classes = (train_set.dataset if hasattr(train_set, "dataset") else train_set).classes
+    device, train_set, val_set, classes = classify.setup_run(args)
     model = getattr(torchvision.models, args.arch)(num_classes=len(classes)).to(device)
 
     def ckpt(epoch, optimizer, top1):

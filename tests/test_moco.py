@@ -199,3 +199,37 @@ def test_slurm_submission_dry_run(capsys):
     out = capsys.readouterr().out
     assert "16 processes, global batch 256, lr 0.03" in out
     assert "'slurm_partition': 'p1'" in out and "'tasks_per_node': 8" in out
+
+
+def test_linear_eval_trains_only_fc_and_supervised_baseline_converts(tiny_images, tmp_path):
+    import shutil
+
+    from convert.to_detectron2 import convert
+    from pretrain import main_lincls, main_supervised
+
+    labeled = tmp_path / "labeled"
+    for i, name in enumerate(sorted(os.listdir(tiny_images))):
+        if name.startswith("0"):
+            (labeled / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+            shutil.copy(os.path.join(tiny_images, name), labeled / f"c{i % 2}" / name)
+    ck = run_pretrain(tiny_images, tmp_path / "pt", max_iters=3)
+    args = main_lincls.get_args_parser().parse_args(
+        ["--data", str(labeled), "--pretrained", ck, "--output", str(tmp_path / "lin"),
+         "--epochs", "2", "--batch-size", "8", "--image-size", "32", "--workers", "0",
+         "--precision", "fp32"])
+    top1 = main_lincls.main(args)
+    assert 0.0 <= top1 <= 100.0
+    lin = torch.load(tmp_path / "lin" / "checkpoint_last.pth.tar", weights_only=False)
+    pre = torch.load(ck, weights_only=False)["state_dict"]
+    for k, v in lin["state_dict"].items():  # frozen: everything but fc, BN statistics included
+        if not k.startswith("module.fc."):
+            torch.testing.assert_close(v, pre["module.encoder_q." + k[len("module."):]])
+    assert lin["state_dict"]["module.fc.weight"].shape == (2, 512)
+
+    sargs = main_supervised.get_args_parser().parse_args(
+        ["--data", str(labeled), "--output", str(tmp_path / "sup"), "--arch", "resnet18",
+         "--epochs", "1", "--batch-size", "8", "--image-size", "32", "--workers", "0",
+         "--precision", "fp32"])
+    sup = main_supervised.main(sargs)
+    out, info = convert(sup)
+    assert info["format"] == "torchvision" and info["arch"] == "resnet18"
