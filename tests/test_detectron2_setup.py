@@ -115,3 +115,21 @@ def test_meta_architecture_trains_on_cpu_with_naive_sync_bn(arch):
         opt.step()
         totals.append(total.item())
     assert min(totals[-2:]) < totals[0], totals
+
+
+def test_doctor_reports_build_datasets_and_tasks(dataset_root):
+    import os
+
+    from tests.conftest import HAVE_SHARED, ROOT
+
+    res = subprocess.run([sys.executable, "-m", "transfer.doctor"], capture_output=True,
+                         text=True, cwd=ROOT, env=dict(os.environ))
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
+    assert "detectron2   0.6" in out and "torch        2.14.1" in out
+    assert "compiled ops absent" in out  # honest about the pure-Python build
+    assert f"dataset root {dataset_root}" in out
+    assert "coco_mask_fpn_2x" in out and "lvis_v1_train: not found" in out
+    if HAVE_SHARED:
+        assert "coco_2017_val: 50 images, 382 annotations" in out
+        assert "voc_frcnn_c4_24k           can run" in out
