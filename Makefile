@@ -29,11 +29,11 @@ SEEDS ?= 1
 RUNS  ?= runs
 OUT   ?= results/out
 
-.PHONY: help setup doctor test bench pretrain lincls supervised convert transfer tasks suite results demo clean
+.PHONY: help setup doctor test bench pretrain lincls supervised convert transfer densepose-fixture tasks suite results demo clean
 
 # List the targets and the transfer tasks.
 help: $(STAMP)
-	@awk '/^# /{c=substr($$0,3)} /^[a-z]+:/{split($$0,a,":"); if (c!="") printf "  make %-11s %s\n", a[1], c; c=""}' Makefile
+	@awk '/^# /{c=substr($$0,3)} /^[a-z-]+:/{split($$0,a,":"); if (c!="") printf "  make %-17s %s\n", a[1], c; c=""}' Makefile
 	@$(PYTHON) -m transfer.tasks
 
 # Create $(VENV) and install everything pinned (torch, detectron2 v0.6 pure-Python, ...).
@@ -81,6 +81,12 @@ transfer: $(STAMP)
 	$(PYTHON) -m transfer.train_net --task $(TASK) --weights $(WEIGHTS) --seed $(SEED) \
 	  --scale $(SCALE) --num-gpus $(NUM_GPUS) $(if $(OUTPUT),--output $(OUTPUT)) \
 	  $(if $(DRY_RUN),--dry-run) $(ARGS)
+
+# Usage: make densepose-fixture, then
+#   DETECTRON2_DATASETS=datasets_densepose make transfer TASK=coco_densepose_fpn_s1x SCALE=smoke
+# Write a generated DensePose-COCO dataset (official format) under ROOT (datasets_densepose).
+densepose-fixture: $(STAMP)
+	$(PYTHON) -m transfer.densepose.fixture $(or $(ROOT),datasets_densepose)
 
 # List the tasks and the paper table each reproduces.
 tasks: $(STAMP)

@@ -34,6 +34,10 @@ PROTOCOL = {
                          800, ("lvis_v0.5_train",), ("lvis_v0.5_val",), 1230),
     "lvis_mask_fpn_2x": ("fpn_mask", 180000, (120000, 160000), 0.02, 1000, 16, COCO_TRAIN_SIZES,
                          800, ("lvis_v0.5_train",), ("lvis_v0.5_val",), 1230),
+    "coco_densepose_fpn_s1x": ("fpn_dp", 130000, (100000, 120000), 0.002, 1000, 16,
+                               COCO_TRAIN_SIZES, 800,
+                               ("densepose_coco_2014_train", "densepose_coco_2014_valminusminival"),
+                               ("densepose_coco_2014_minival",), 1),
     "cityscapes_mask_fpn_24k": ("fpn_mask", 24000, (18000,), 0.01, 1000, 8,
                                 tuple(range(800, 1025, 32)), 1024,
                                 ("cityscapes_fine_instance_seg_train",),
@@ -85,6 +89,15 @@ def test_task_config_matches_protocol(task):
     if meta == "fpn_kp":
         assert cfg.MODEL.ROI_BOX_HEAD.SMOOTH_L1_BETA == 0.5
         assert cfg.MODEL.RPN.POST_NMS_TOPK_TRAIN == 1500
+    assert cfg.MODEL.DENSEPOSE_ON == (meta == "fpn_dp")
+    if meta == "fpn_dp":  # the legacy s1x head (PROTOCOL.md, COCO DensePose)
+        h = cfg.MODEL.ROI_DENSEPOSE_HEAD
+        assert cfg.MODEL.ROI_HEADS.NAME == "DensePoseROIHeads"
+        assert (h.NAME, h.NUM_STACKED_CONVS, h.CONV_HEAD_DIM) == ("DensePoseV1ConvXHead", 8, 512)
+        assert (h.POOLER_RESOLUTION, h.HEATMAP_SIZE, h.NUM_COARSE_SEGM_CHANNELS) == (14, 56, 15)
+        assert (h.INDEX_WEIGHTS, h.PART_WEIGHTS, h.POINT_REGRESSION_WEIGHTS) == (2.0, 0.3, 0.1)
+        assert h.NUM_PATCHES == 24 and cfg.SOLVER.WARMUP_FACTOR == 0.1
+        assert cfg.DENSEPOSE.KAPPA == 0.255
     if task.startswith("lvis"):
         assert cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST == 0.0001
         assert cfg.TEST.DETECTIONS_PER_IMAGE == 300

@@ -17,6 +17,8 @@ from detectron2.config import get_cfg as d2_get_cfg  # noqa: E402
 
 import transfer.modeling  # noqa: E402,F401  (registers Res5ROIHeadsExtraNorm, DC5 backbone)
 import transfer.semseg  # noqa: E402,F401  (registers FCNHead)
+import transfer.densepose.head  # noqa: E402,F401  (registers DensePoseROIHeads)
+from transfer.densepose.config import add_densepose_config  # noqa: E402
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 MSRA_R50 = "detectron2://ImageNetPretrained/MSRA/R-50.pkl"
@@ -33,6 +35,7 @@ def add_moco_transfer_config(cfg):
     cfg.MODEL.DC5.NORM = "naiveSyncBN"
     cfg.MODEL.SEM_SEG_HEAD.FCN_DILATION = 6  # FCNHead (transfer/semseg.py)
     cfg.MODEL.SEM_SEG_HEAD.SCALE_RANGE = (0.5, 2.0)  # SemSegCropMapper random scale
+    add_densepose_config(cfg)
     cfg.MOCO_TRANSFER = CN()
     cfg.MOCO_TRANSFER.TASK = ""  # set from the config file's name
     cfg.MOCO_TRANSFER.PAPER_TABLE = ""  # which table of the paper the task reproduces

@@ -37,6 +37,12 @@ LAYOUTS = {
     "sem_seg": "{root}/VOC2012/JPEGImages/*.jpg, {root}/VOC2012/SegmentationClassAug/*.png and "
                "{root}/VOC2012/ImageSets/Segmentation/{{train_aug,val}}.txt (SBD-augmented "
                "VOC 2012: 10582 train_aug, 1449 val)",
+    "densepose": "{root}/coco/annotations/densepose_{{train,valminusminival,minival}}2014.json "
+                 "(DensePose-COCO: dp_x, dp_y, dp_I, dp_U, dp_V, dp_masks per person) and the "
+                 "COCO 2014 images under {root}/coco/{{train2014,val2014}}/; optional data files "
+                 "in {root}/densepose/ (UV_symmetry_transforms.mat, SMPL_subdiv.mat, "
+                 "SMPL_SUBDIV_TRANSFORM.mat, Pdist_matrix.pkl); to try it on generated data: "
+                 "python -m transfer.densepose.fixture ROOT",
 }
 
 
@@ -108,3 +114,12 @@ def _register_voc_sem_seg():
 
 
 _register_voc_sem_seg()
+
+
+def _register_densepose():
+    from transfer.densepose.data import register_densepose_coco
+
+    register_densepose_coco(dataset_root())
+
+
+_register_densepose()

@@ -16,7 +16,8 @@ KNOWN_DATASETS = [
     ("LVIS v0.5", ["lvis_v0.5_train", "lvis_v0.5_val"]),
     ("LVIS v1", ["lvis_v1_train", "lvis_v1_val"]),
     ("Cityscapes (fine)", ["cityscapes_fine_instance_seg_train", "cityscapes_fine_instance_seg_val"]),
-    ("DensePose-COCO", ["densepose_coco_2014_train", "densepose_coco_2014_minival"]),
+    ("DensePose-COCO", ["densepose_coco_2014_train", "densepose_coco_2014_valminusminival",
+                        "densepose_coco_2014_minival"]),
     ("synthetic (embedded)", ["synthetic_train", "synthetic_val"]),
 ]
 BIG_JSON = 200 << 20  # don't parse annotation files larger than this just to count
@@ -39,6 +40,20 @@ def count(meta):
     with open(path) as f:
         data = json.load(f)
     return f"{len(data.get('images', []))} images, {len(data.get('annotations', []))} annotations"
+
+
+def densepose_files():
+    """Which optional DensePose data files (flip tables, GPS geodesics) are present."""
+    from transfer.densepose.config import UV_SYMMETRY_FILE, densepose_data_dir
+    from transfer.densepose.gps import OFFICIAL_FILES
+
+    folder = densepose_data_dir("")
+    found = {f: os.path.isfile(os.path.join(folder, f))
+             for f in (UV_SYMMETRY_FILE,) + OFFICIAL_FILES}
+    flip = "flip on" if found[UV_SYMMETRY_FILE] else f"no {UV_SYMMETRY_FILE}: trains without flip"
+    geo = ("GPS on" if all(found[f] for f in OFFICIAL_FILES) else
+           "no " + ", ".join(f for f in OFFICIAL_FILES if not found[f]) + ": box/mask AP only")
+    return f"{folder}: {flip}; {geo}"
 
 
 def main():
@@ -90,6 +105,7 @@ def main():
             except Exception as e:
                 parts.append(f"{name}: unreadable ({type(e).__name__}: {e})")
         print(f"  {label:<22} " + "; ".join(parts))
+    print(f"  {'DensePose data files':<22} " + densepose_files())
 
     from transfer.config import get_cfg, task_config_path
 

@@ -52,6 +52,18 @@ EVALUATORS = {
 }
 
 
+def _densepose(name, cfg, out):
+    from transfer.densepose.config import densepose_data_dir
+    from transfer.densepose.evaluation import DensePoseEvaluator
+
+    return DensePoseEvaluator(name, output_dir=out,
+                              data_dir=densepose_data_dir(cfg.DENSEPOSE.DATA),
+                              kappa=cfg.DENSEPOSE.KAPPA)
+
+
+EVALUATORS["densepose"] = _densepose
+
+
 def register_evaluator(evaluator_type):
     def deco(fn):
         EVALUATORS[evaluator_type] = fn
@@ -90,6 +102,11 @@ class Trainer(DefaultTrainer):
             from transfer.semseg import SemSegCropMapper
 
             return build_detection_train_loader(cfg, mapper=SemSegCropMapper(cfg, True))
+        if cfg.MODEL.DENSEPOSE_ON:
+            from detectron2.data import build_detection_train_loader
+            from transfer.densepose.data import DensePoseDatasetMapper
+
+            return build_detection_train_loader(cfg, mapper=DensePoseDatasetMapper(cfg, True))
         return super().build_train_loader(cfg)
 
     @classmethod
@@ -165,6 +182,10 @@ def main(args):
         print(cfg.dump())
         return None
     datasets.check_datasets(list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST))
+    if cfg.MODEL.DENSEPOSE_ON:
+        from transfer.densepose.config import densepose_data_dir
+
+        densepose_data_dir(cfg.DENSEPOSE.DATA)  # a configured folder must exist
     default_setup(cfg, args)
     status_path = os.path.join(cfg.OUTPUT_DIR, "status.json")
     if comm.is_main_process():

@@ -1,0 +1,269 @@
+"""DensePose: the generated DensePose-COCO fixture (official format) through loading, the
+mapper, the losses, GPS on a mesh with exact geodesics, training, inference and evaluation."""
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import transfer.datasets  # noqa: F401  (registers the DensePose datasets)
+from transfer.config import setup_cfg
+from transfer.densepose import fixture, gps
+from transfer.densepose.evaluation import encode_iuv, evaluate_densepose, resolve_geodesics
+from transfer.densepose.structures import (
+    MASK_LABEL_SYMMETRIES, DensePoseData, decode_part_masks)
+
+CHART_PART = {c: p for p, c in fixture.PART_CHART.items()}
+CHART_PART.update({23: 14, 24: 14})
+
+
+@pytest.fixture(scope="module")
+def dp_root(dataset_root):
+    """The fixture written into the session's dataset root (where the datasets are registered)."""
+    fixture.write_fixture(dataset_root)
+    return dataset_root
+
+
+def test_fixture_loads_in_the_official_format(dp_root):
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    dicts = DatasetCatalog.get("densepose_coco_2014_train")
+    assert len(dicts) == fixture.SPLITS["train"][1]
+    assert MetadataCatalog.get("densepose_coco_2014_minival").evaluator_type == "densepose"
+    annos = [a for d in dicts for a in d["annotations"]]
+    with_dp = [a for a in annos if "dp_x" in a]
+    assert 0 < len(with_dp) < len(annos)  # some people carry no DensePose annotation
+    a = with_dp[0]
+    assert len(a["dp_masks"]) == 14 and isinstance(a["dp_masks"][0]["counts"], str)
+    assert len(a["dp_x"]) == len(a["dp_y"]) == len(a["dp_I"]) == len(a["dp_U"]) == len(a["dp_V"])
+    assert max(a["dp_x"]) < 256 and set(a["dp_I"]) <= set(range(1, 25))
+    np.testing.assert_array_equal(decode_part_masks(a["dp_masks"]), fixture.figure_labels())
+
+
+def _mapped(dp_root, flip):
+    import detectron2.data.transforms as T
+    from detectron2.data import DatasetCatalog
+
+    from transfer.densepose.data import DensePoseDatasetMapper
+    from transfer.densepose.structures import load_uv_symmetries
+
+    augs = [T.ResizeShortestEdge(400, 1000)] + ([T.RandomFlip(prob=1.0)] if flip else [])
+    mapper = DensePoseDatasetMapper(
+        True, augmentations=augs, image_format="RGB",
+        uv_symmetries=load_uv_symmetries(
+            os.path.join(dp_root, "densepose", "UV_symmetry_transforms.mat")))
+    d = DatasetCatalog.get("densepose_coco_2014_train")[1]
+    return d, mapper(d)
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_mapper_keeps_points_and_masks_on_their_pixels(dp_root, flip):
+    """After a 256 -> 400 resize (and a flip), every annotated point lands on a pixel of its
+    part (the red channel encodes the part), and the part masks pasted at the new box cover
+    the drawn parts."""
+    d, out = _mapped(dp_root, flip)
+    img = out["image"].numpy()  # RGB, CHW
+    assert img.shape[1] == 400 and d["height"] == 256
+    inst = out["instances"]
+    n_dp = sum(x is not None for x in inst.gt_densepose.items)
+    assert n_dp == sum("dp_x" in a for a in d["annotations"]) > 0
+    for box, dp in zip(inst.gt_boxes.tensor.numpy(), inst.gt_densepose.items):
+        if dp is None:
+            continue
+        x0, y0, x1, y1 = box
+        px = np.floor(x0 + dp.x.numpy() / 256 * (x1 - x0)).astype(int)
+        py = np.floor(y0 + dp.y.numpy() / 256 * (y1 - y0)).astype(int)
+        # a flipped image shows the person's right side where its left was: the labels swap,
+        # the drawn colours (the original parts) do not
+        seen = MASK_LABEL_SYMMETRIES if flip else list(range(15))
+        want = [fixture.part_red(seen[CHART_PART[int(c)]]) for c in dp.i]
+        ok = np.abs(img[0, py, px].astype(int) - want) <= 7
+        assert ok.mean() > 0.95, ok.mean()
+        # masks: every pixel of the box against the label map in the box frame
+        ys, xs = np.mgrid[int(np.ceil(y0)):int(y1), int(np.ceil(x0)):int(x1)]
+        fx = ((xs + 0.5 - x0) / (x1 - x0) * 256).astype(int).clip(0, 255)
+        fy = ((ys + 0.5 - y0) / (y1 - y0) * 256).astype(int).clip(0, 255)
+        labels = dp.segm.numpy()[fy, fx]
+        red = np.vectorize(lambda p: fixture.part_red(seen[p]))(labels)
+        # away from part edges (resampling blurs those): the label is the same 2 px around
+        inner = labels > 0
+        for dy, dx in ((2, 0), (-2, 0), (0, 2), (0, -2)):
+            inner &= labels == np.roll(labels, (dy, dx), axis=(0, 1))
+        ok = np.abs(img[0, ys, xs].astype(int) - red) <= 7
+        assert inner.mean() > 0.2 and ok[inner].mean() > 0.98, ok[inner].mean()
+        if flip:  # the flipped point is where the figure's own (chart, U, V) says it is
+            for k in range(0, len(dp.x), 7):
+                x, y = float(dp.x[k]), float(dp.y[k])
+                c, u, v = fixture.chart_uv(int(fixture.figure_labels()[int(y), int(x)]), x, y)
+                assert int(dp.i[k]) == c
+                assert float(dp.u[k]) == pytest.approx(u, abs=1.5 / 255)
+                assert float(dp.v[k]) == pytest.approx(v, abs=1.5 / 255)
+
+
+def test_flip_without_symmetry_file_is_disabled(dp_root, tmp_path, caplog):
+    from transfer.densepose.data import DensePoseDatasetMapper
+
+    cfg = setup_cfg("coco_densepose_fpn_s1x", "random", scale="smoke",
+                    overrides=["DENSEPOSE.DATA", str(tmp_path)])
+    with caplog.at_level("WARNING"):
+        mapper = DensePoseDatasetMapper(cfg, True)
+    assert "RandomFlip" not in repr(mapper.augmentations)
+    assert "UV_symmetry_transforms.mat" in caplog.text
+    cfg = setup_cfg("coco_densepose_fpn_s1x", "random", scale="smoke")  # fixture has it
+    assert "RandomFlip" in repr(DensePoseDatasetMapper(cfg, True).augmentations)
+
+
+def test_losses_against_hand_computation():
+    from transfer.densepose.head import DensePoseOutput, densepose_losses
+
+    torch.manual_seed(0)
+    size = 4
+    out = DensePoseOutput(torch.randn(1, 15, size, size), torch.randn(1, 25, size, size),
+                          torch.rand(1, 25, size, size), torch.rand(1, 25, size, size))
+    segm = np.zeros((256, 256), np.uint8)
+    segm[:, :128] = 3  # left half: part 3
+    # two points at the centres of grid pixels (1, 2) and (3, 0): x = (col + 0.5) * 64
+    dp = DensePoseData([2.5 * 64, 0.5 * 64], [1.5 * 64, 3.5 * 64], [5, 17], [0.2, 0.9],
+                       [0.4, 0.1], segm)
+    box = torch.tensor([[10.0, 20.0, 110.0, 220.0]])  # proposal == person box
+    losses = densepose_losses(out, box, box, [dp], 2.0, 0.3, 0.1)
+    target = torch.zeros(1, size, size, dtype=torch.long)
+    target[..., :2] = 3
+    ce_s = -torch.log_softmax(out.coarse_segm, 1).gather(1, target[:, None]).mean()
+    assert losses["loss_densepose_S"].item() == pytest.approx(2.0 * ce_s.item(), rel=1e-5)
+    logp = torch.log_softmax(out.fine_segm[0], 0)
+    ce_i = -(logp[5, 1, 2] + logp[17, 3, 0]) / 2
+    assert losses["loss_densepose_I"].item() == pytest.approx(0.3 * ce_i.item(), rel=1e-5)
+
+    def sl1(x):
+        x = abs(x)
+        return 0.5 * x * x if x < 1 else x - 0.5
+
+    du = sl1(out.u[0, 5, 1, 2] - 0.2) + sl1(out.u[0, 17, 3, 0] - 0.9)
+    dv = sl1(out.v[0, 5, 1, 2] - 0.4) + sl1(out.v[0, 17, 3, 0] - 0.1)
+    assert losses["loss_densepose_U"].item() == pytest.approx(0.1 * float(du), rel=1e-5)
+    assert losses["loss_densepose_V"].item() == pytest.approx(0.1 * float(dv), rel=1e-5)
+    # a proposal a quarter box to the right: grid centres at x = 47.5, 72.5, 97.5, 122.5, i.e.
+    # frame x 96, 160, 224 and outside; the second point (x 22.5) falls outside the proposal
+    from transfer.densepose.head import densepose_targets
+
+    shifted = box + torch.tensor([[25.0, 0, 25.0, 0]])
+    t_segm, roi, fx, fy, i, _, _ = densepose_targets(shifted, box, [dp], size)
+    assert t_segm[0, :, 0].eq(3).all() and t_segm[0, :, 1:].eq(0).all()
+    assert i.tolist() == [5] and roi.tolist() == [0]
+    assert fx.item() == pytest.approx(1.0) and fy.item() == pytest.approx(1.0)
+
+
+# ---------------------------------------------------------------- GPS
+# grid_surface: charts side by side, each a 0.1 x 0.1 square; vertices at U, V in {0, .5, 1}
+W_CHART = 0.1
+
+
+@pytest.fixture(scope="module")
+def surface(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("smpl")
+    gps.write_official_surface(str(folder), *gps.grid_surface(steps=3, chart_width=W_CHART))
+    return gps.load_official_surface(str(folder))
+
+
+def test_gps_geodesics_on_the_test_mesh(surface):
+    v = surface.vertices([1, 1, 2, 0], [0.4, 1.0, 0.0, 0.5], [0.1, 0.0, 0.0, 0.5])
+    assert v[3] == -1
+    assert surface.part_ids[v[0]] == 1 and tuple(surface.uv[v[0]]) == (0.5, 0.0)
+    d = surface.geodesics(v[[0, 1, 0, 0]], v[[1, 2, 0, 3]])
+    # (1, .5, 0) -> (1, 1, 0): 0.05; (1, 1, 0) and (2, 0, 0) are the same place: 0
+    np.testing.assert_allclose(d, [0.05, 0.0, 0.0, np.inf], atol=1e-12)
+    k = 0.255
+    g = gps.gps(surface, ([1, 3], [0.0, 0.5], [0.0, 0.5]), ([2, 3], [0.0, 0.5], [0.0, 0.5]))
+    assert g == pytest.approx((math.exp(-W_CHART ** 2 / (2 * k * k)) + 1) / 2)
+
+
+BOX = [10.0, 20.0, 100.0, 200.0]
+
+
+def _gt_dataset():
+    pts = [(x, y) for x in (20.0, 80.0, 140.0, 200.0) for y in (30.0, 110.0, 190.0)]  # 12
+    xs, ys = map(list, zip(*pts))
+    charts = [1 + (k % 20) for k in range(12)]
+    us = [[0.0, 0.5, 1.0][k % 3] for k in range(12)]
+    vs = [[0.5, 1.0, 0.0][k % 3] for k in range(12)]
+    people = [dict(id=1, image_id=1, category_id=1, iscrowd=0, bbox=BOX, area=BOX[2] * BOX[3],
+                   dp_x=xs, dp_y=ys, dp_I=charts, dp_U=us, dp_V=vs),
+              # a person without points: an ignore region
+              dict(id=2, image_id=1, category_id=1, iscrowd=0, bbox=[150.0, 30.0, 60.0, 150.0],
+                   area=9000.0)]
+    return {"images": [{"id": 1, "width": 320, "height": 240, "file_name": "a.jpg"}],
+            "categories": [{"id": 1, "name": "person"}], "annotations": people}
+
+
+def _prediction(dataset, chart_shift=0, background_every=0, box=BOX, score=0.9):
+    gt = dataset["annotations"][0]
+    h, w = int(round(box[3])), int(round(box[2]))
+    iuv = np.zeros((3, h, w), np.uint8)
+    for k, (x, y) in enumerate(zip(gt["dp_x"], gt["dp_y"])):
+        c = int((BOX[0] + x / 256 * BOX[2] - box[0]) / box[2] * w)
+        r = int((BOX[1] + y / 256 * BOX[3] - box[1]) / box[3] * h)
+        if (background_every and k % background_every == 0) or not (0 <= c < w and 0 <= r < h):
+            continue
+        iuv[:, r, c] = [gt["dp_I"][k] + chart_shift, round(gt["dp_U"][k] * 255),
+                        round(gt["dp_V"][k] * 255)]
+    return {"image_id": 1, "category_id": 1, "bbox": list(box), "score": score,
+            "densepose": encode_iuv(iuv)}
+
+
+def test_gps_ap_perfect_shifted_and_partial(surface):
+    data = _gt_dataset()
+    on_ignored = _prediction(data, box=[150.0, 30.0, 60.0, 150.0], score=0.95)
+    perfect = evaluate_densepose(data, [_prediction(data), on_ignored], surface)["densepose"]
+    assert perfect["AP"] == pytest.approx(100) and perfect["AP75"] == pytest.approx(100)
+    # every point on the neighbouring chart: geodesic 0.1 -> GPS exp(-0.1^2 / (2 0.255^2))
+    g = math.exp(-W_CHART ** 2 / (2 * 0.255 ** 2))
+    assert 0.9 < g < 0.95
+    shifted = evaluate_densepose(data, [_prediction(data, chart_shift=1)], surface)["densepose"]
+    assert shifted["AP"] == pytest.approx(90)  # matched at thresholds 0.50 .. 0.90, not 0.95
+    assert shifted["AP50"] == pytest.approx(100) and shifted["AP75"] == pytest.approx(100)
+    # a third of the points predicted as background: GPS 2/3 -> thresholds 0.50 .. 0.65
+    part = evaluate_densepose(data, [_prediction(data, background_every=3)], surface)["densepose"]
+    assert part["AP"] == pytest.approx(40) and part["AP50"] == pytest.approx(100)
+    assert part["AP75"] == pytest.approx(0)
+    assert np.isnan(perfect["APm"]) and perfect["APl"] == pytest.approx(100)  # no medium person
+
+
+def test_without_geodesic_data_gps_is_skipped_with_a_reason(tmp_path):
+    surface, reason = resolve_geodesics(str(tmp_path))
+    assert surface is None and "Pdist_matrix.pkl" in reason and "DENSEPOSE.DATA" in reason
+    data = _gt_dataset()
+    res = evaluate_densepose(data, [_prediction(data)], None)
+    # box AP counts every person (two, one detected): precision 1 up to recall 0.5 -> 51/101
+    assert "densepose" not in res and res["bbox"]["AP"] == pytest.approx(100 * 51 / 101)
+
+
+# ---------------------------------------------------------------- end to end
+def test_densepose_smoke_training_lowers_loss_infers_and_evaluates(dp_root, tmp_path):
+    from transfer.densepose.evaluation import decode_iuv
+    from transfer.train_net import run
+
+    task = "coco_densepose_fpn_s1x"
+    run(["--task", task, "--weights", "random", "--scale", "smoke", "--runs", str(tmp_path),
+         "SOLVER.MAX_ITER", "20", "SOLVER.BASE_LR", "0.002"])
+    out = os.path.join(tmp_path, f"{task}@smoke", "random", "seed0")
+    with open(os.path.join(out, "results.json")) as f:
+        res = json.load(f)
+    assert res["state"] == "complete"
+    for key in ("densepose/AP", "densepose/AP50", "densepose/AP75", "bbox/AP", "segm/AP"):
+        assert key in res["metrics"]
+    with open(os.path.join(out, "metrics.json")) as f:
+        rows = [json.loads(line) for line in f if "total_loss" in line]
+    for key in ("total_loss", "loss_densepose_S", "loss_densepose_U"):
+        values = [r[key] for r in rows]
+        assert all(np.isfinite(values)) and np.mean(values[-3:]) < np.mean(values[:3]), key
+    with open(os.path.join(out, "inference", "densepose_coco_2014_minival",
+                           "densepose_results.json")) as f:
+        dets = json.load(f)
+    assert dets
+    for det in dets[:5]:
+        iuv = decode_iuv(det["densepose"])
+        assert iuv.shape == (3, round(det["bbox"][3]), round(det["bbox"][2]))
+        assert iuv[0].max() <= 24
