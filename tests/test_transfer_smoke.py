@@ -116,14 +116,21 @@ def test_dry_run_prints_resolved_config_and_unknown_task_lists_tasks(tmp_path):
     assert res.returncode != 0 and "coco_mask_fpn_2x" in res.stderr
 
 
-def test_cityscapes_instance_task_on_generated_fixture(dataset_root, tmp_path):
+def test_cityscapes_instance_task_on_generated_fixture(dataset_root, tmp_path, monkeypatch):
     from tests.fixtures import write_cityscapes
     from transfer.train_net import run
 
     write_cityscapes(dataset_root)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
     run(["--task", "cityscapes_mask_fpn_24k", "--weights", "random", "--scale", "smoke",
          "--runs", str(tmp_path), "SOLVER.MAX_ITER", "2"])
-    res = read(os.path.join(tmp_path, "cityscapes_mask_fpn_24k@smoke", "random", "seed0"),
-               "results.json")
+    out = os.path.join(tmp_path, "cityscapes_mask_fpn_24k@smoke", "random", "seed0")
+    res = read(out, "results.json")
     assert res["state"] == "complete"
     assert {"segm/AP", "segm/AP50"} <= set(res["metrics"])  # cityscapesscripts' evaluation
+    # cityscapesscripts' matches.json goes to the run, not the directory the run started in
+    assert not os.listdir(cwd)
+    assert os.path.isfile(os.path.join(out, "inference", "cityscapes_fine_instance_seg_val",
+                                       "cityscapes_instance_matches.json"))

@@ -42,11 +42,31 @@ def _coco(name, cfg, out):
     return COCOEvaluator(name, output_dir=out, use_fast_impl=has_compiled_ops())
 
 
+class CityscapesInstanceEvaluatorKeepingMatches(CityscapesInstanceEvaluator):
+    """cityscapesscripts writes its per-image matches to ./matches.json, in whatever directory
+    the run was started from; move that file into the run's output folder."""
+
+    def __init__(self, dataset_name, output_dir):
+        super().__init__(dataset_name)
+        self._output_dir = output_dir
+
+    def evaluate(self):
+        started = time.time()
+        results = super().evaluate()
+        if comm.is_main_process() and os.path.isfile("matches.json") and \
+                os.path.getmtime("matches.json") >= started - 1:
+            os.makedirs(self._output_dir, exist_ok=True)
+            os.replace("matches.json",
+                       os.path.join(self._output_dir, "cityscapes_instance_matches.json"))
+        return results
+
+
 EVALUATORS = {
     "coco": _coco,
     "lvis": lambda name, cfg, out: LVISEvaluator(name, output_dir=out),
     "pascal_voc": lambda name, cfg, out: PascalVOCDetectionEvaluator(name),
-    "cityscapes_instance": lambda name, cfg, out: CityscapesInstanceEvaluator(name),
+    "cityscapes_instance": lambda name, cfg, out: CityscapesInstanceEvaluatorKeepingMatches(
+        name, out),
     "cityscapes_sem_seg": lambda name, cfg, out: CityscapesSemSegEvaluator(name),
     "sem_seg": lambda name, cfg, out: SemSegEvaluator(name, distributed=True, output_dir=out),
 }
