@@ -156,6 +156,38 @@ def test_losses_against_hand_computation():
     assert fx.item() == pytest.approx(1.0) and fy.item() == pytest.approx(1.0)
 
 
+def test_training_step_with_images_without_densepose(dp_root):
+    """A batch where one image has no annotated person, then one where none has: the pooler
+    still gets one box list per image, and the DensePose losses are zero but reach the head."""
+    from detectron2.data import DatasetCatalog
+    from detectron2.utils.events import EventStorage
+
+    from transfer.densepose.data import DensePoseDatasetMapper
+    from transfer.densepose.structures import DensePoseList
+    from transfer.train_net import Trainer
+
+    cfg = setup_cfg("coco_densepose_fpn_s1x", "random", scale="smoke")
+    torch.manual_seed(0)
+    model = Trainer.build_model(cfg)
+    model.train()
+    mapper = DensePoseDatasetMapper(cfg, True)
+    batch = [mapper(d) for d in DatasetCatalog.get("densepose_coco_2014_train")[:2]]
+    inst = batch[1]["instances"]
+    inst.gt_densepose = DensePoseList([None] * len(inst))
+    with EventStorage():
+        losses = model(batch)
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert losses["loss_densepose_U"] > 0
+    inst = batch[0]["instances"]
+    inst.gt_densepose = DensePoseList([None] * len(inst))
+    with EventStorage():
+        losses = model(batch)
+    assert losses["loss_densepose_S"] == 0 and losses["loss_densepose_U"] == 0
+    sum(losses.values()).backward()
+    grad = model.roi_heads.densepose_head.predictors["u"].weight.grad
+    assert grad is not None and torch.isfinite(grad).all()
+
+
 # ---------------------------------------------------------------- GPS
 # grid_surface: charts side by side, each a 0.1 x 0.1 square; vertices at U, V in {0, .5, 1}
 W_CHART = 0.1

@@ -222,24 +222,25 @@ class DensePoseROIHeads(StandardROIHeads):
     def _forward_densepose(self, features, instances):
         feats = [features[f] for f in self.densepose_in_features]
         if self.training:
+            # one (possibly empty) box list per image: the pooler pairs them with the batch
             fg, _ = select_foreground_proposals(instances, self.num_classes)
             picked = []
             for p in fg:
-                if len(p) == 0 or not p.has("gt_densepose"):
-                    continue
-                iou = matched_pairwise_iou(p.proposal_boxes, p.gt_boxes)
-                keep = p.gt_densepose.has_data().to(iou.device) & (iou >= self.densepose_fg_iou)
-                picked.append(p[keep])
+                if len(p) and p.has("gt_densepose"):
+                    iou = matched_pairwise_iou(p.proposal_boxes, p.gt_boxes)
+                    p = p[p.gt_densepose.has_data().to(iou.device)
+                          & (iou >= self.densepose_fg_iou)]
+                else:
+                    p = p[:0]
+                picked.append(p)
             boxes = [p.proposal_boxes for p in picked]
-            out = self.densepose_head(self.densepose_pooler(feats, boxes)) if picked else None
-            if out is None or len(out) == 0:
-                # no annotated person matched: zero losses that still reach every parameter
-                pooled = self.densepose_pooler(feats, [instances[0].proposal_boxes[:0]])
-                return densepose_losses(self.densepose_head(pooled), None, None, None,
-                                        *self.densepose_loss_weights)
-            gt_dp = [d for p in picked for d in p.gt_densepose.items]
+            out = self.densepose_head(self.densepose_pooler(feats, boxes))
+            if len(out) == 0:  # no annotated person matched: zero losses reaching the head
+                return densepose_losses(out, None, None, None, *self.densepose_loss_weights)
             return densepose_losses(out, cat([b.tensor for b in boxes]),
-                                    cat([p.gt_boxes.tensor for p in picked]), gt_dp,
+                                    cat([p.gt_boxes.tensor for p in picked]),
+                                    [d for p in picked if p.has("gt_densepose")
+                                     for d in p.gt_densepose.items],
                                     *self.densepose_loss_weights)
         boxes = [i.pred_boxes for i in instances]
         out = self.densepose_head(self.densepose_pooler(feats, boxes))
