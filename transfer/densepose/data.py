@@ -43,15 +43,19 @@ def register_densepose_coco(root):
                                       evaluator_type="densepose", thing_classes=["person"])
 
 
-def _without_flip(augs, uv_symmetries):
+_WARNED_NO_FLIP = set()
+
+
+def _without_flip(augs, uv_symmetries, folder):
     if uv_symmetries:
         return augs
     kept = [a for a in augs if not isinstance(a, T.RandomFlip)]
-    if len(kept) != len(augs):
+    if len(kept) != len(augs) and folder not in _WARNED_NO_FLIP:  # once per process
+        _WARNED_NO_FLIP.add(folder)
         logger.warning(
             "DensePose training without horizontal flip: flipping U/V needs the official UV "
-            "symmetry file %s, not found in DENSEPOSE.DATA (default "
-            "$DETECTRON2_DATASETS/densepose/)", UV_SYMMETRY_FILE)
+            "symmetry file %s, not found in %s (DENSEPOSE.DATA, default "
+            "$DETECTRON2_DATASETS/densepose/)", UV_SYMMETRY_FILE, folder)
     return kept
 
 
@@ -68,9 +72,10 @@ class DensePoseDatasetMapper(DatasetMapper):
     @classmethod
     def from_config(cls, cfg, is_train=True):
         ret = super().from_config(cfg, is_train)
-        path = os.path.join(densepose_data_dir(cfg.DENSEPOSE.DATA), UV_SYMMETRY_FILE)
+        folder = densepose_data_dir(cfg.DENSEPOSE.DATA)
+        path = os.path.join(folder, UV_SYMMETRY_FILE)
         ret["uv_symmetries"] = load_uv_symmetries(path) if os.path.isfile(path) else None
-        ret["augmentations"] = _without_flip(ret["augmentations"], ret["uv_symmetries"])
+        ret["augmentations"] = _without_flip(ret["augmentations"], ret["uv_symmetries"], folder)
         return ret
 
     def _transform_annotations(self, dataset_dict, transforms, image_shape):
