@@ -72,6 +72,14 @@ EVALUATORS = {
 }
 
 
+def register_evaluator(evaluator_type):
+    def deco(fn):
+        EVALUATORS[evaluator_type] = fn
+        return fn
+    return deco
+
+
+@register_evaluator("densepose")
 def _densepose(name, cfg, out):
     from transfer.densepose.config import densepose_data_dir
     from transfer.densepose.evaluation import DensePoseEvaluator
@@ -79,16 +87,6 @@ def _densepose(name, cfg, out):
     return DensePoseEvaluator(name, output_dir=out,
                               data_dir=densepose_data_dir(cfg.DENSEPOSE.DATA),
                               kappa=cfg.DENSEPOSE.KAPPA)
-
-
-EVALUATORS["densepose"] = _densepose
-
-
-def register_evaluator(evaluator_type):
-    def deco(fn):
-        EVALUATORS[evaluator_type] = fn
-        return fn
-    return deco
 
 
 class SyncedPreciseBN(hooks.PreciseBN):

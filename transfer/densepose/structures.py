@@ -7,6 +7,8 @@ mask in the same box frame (or an empty list when the part is not visible). Beca
 is relative to the box, resizing the image moves points and masks with the box; a horizontal
 flip mirrors the frame and swaps left/right labels (chart U/V need the UV symmetry file).
 """
+import functools
+
 import numpy as np
 import torch
 
@@ -123,9 +125,11 @@ class DensePoseList:
         return DensePoseList([d if d is None else d.to(device) for d in self.items])
 
 
+@functools.lru_cache(maxsize=2)
 def load_uv_symmetries(path):
     """The official UV_symmetry_transforms.mat: cell arrays U_transforms / V_transforms (1x24),
-    each 256x256 indexed [v*255, u*255], giving the mirrored chart coordinate."""
+    each 256x256 indexed [v*255, u*255], giving the mirrored chart coordinate. Read once per
+    process (the training and PreciseBN loaders share the tables; they are never modified)."""
     from scipy.io import loadmat
 
     data = loadmat(path)
