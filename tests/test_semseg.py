@@ -25,9 +25,9 @@ def test_fcn_output_stride_and_dilations():
     assert all(c.norm is not None for c in head.convs)
     assert head.predictor.kernel_size == (1, 1) and head.predictor.out_channels == 19
     model.eval()
-    with torch.no_grad():
-        out = model([{"image": torch.zeros(3, 96, 160), "height": 96, "width": 160}])
-    assert out[0]["sem_seg"].shape == (19, 96, 160)  # full-size output
+    with torch.no_grad():  # a VOC-sized image (not a multiple of 16) predicted at its size
+        out = model([{"image": torch.zeros(3, 375, 500)}])
+    assert out[0]["sem_seg"].shape == (19, 375, 500)
     cfg = setup_cfg("voc_semseg_fcn_30k", "random")
     assert cfg.SOLVER.STEPS == (21000, 27000) and cfg.SOLVER.MAX_ITER == 30000
     assert cfg.SOLVER.BASE_LR == 0.003 and tuple(cfg.INPUT.CROP.SIZE) == (513, 513)
@@ -35,6 +35,56 @@ def test_fcn_output_stride_and_dilations():
     assert cfg.SOLVER.STEPS == (63000, 81000) and cfg.SOLVER.BASE_LR == 0.01
     assert tuple(cfg.INPUT.CROP.SIZE) == (769, 769) and cfg.SOLVER.IMS_PER_BATCH == 16
     assert tuple(cfg.MODEL.SEM_SEG_HEAD.SCALE_RANGE) == (0.5, 2.0)
+
+
+def _mirror(half, dim):
+    """half holds indices 0..c of an axis; the result (2c + 1 long) is symmetric about c."""
+    return torch.cat([half, half.narrow(dim, 0, half.shape[dim] - 1).flip(dim)], dim)
+
+
+@pytest.mark.parametrize("task", ["voc_semseg_fcn_30k", "cityscapes_semseg_fcn_90k"])
+def test_logits_are_aligned_with_pixels_at_sizes_not_multiple_of_16(task):
+    """The whole model, with every conv kernel made mirror-symmetric, maps an image that is
+    mirror-symmetric about pixel (c_y, c_x) = (16 * 3, 16 * 5) to logits symmetric about the
+    same pixel: the logit of pixel j is the model's answer for pixel j, with no half-stride
+    (7.5 px) shift. The image is 97 x 161 (not multiples of 16), fed as at test time, and the
+    loss at train time is computed on a 97 x 161 label."""
+    from transfer.train_net import Trainer
+
+    cfg = setup_cfg(task, "random")
+    model = Trainer.build_model(cfg)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                m.weight.copy_((m.weight + m.weight.flip(-1) + m.weight.flip(-2)
+                                + m.weight.flip(-1, -2)) / 4)
+        model.sem_seg_head.predictor.weight.normal_(0, 1.0)  # logits that vary visibly
+        image = _mirror(_mirror(torch.rand(3, 16 * 3 + 1, 16 * 5 + 1) * 255, 1), 2)
+        assert image.shape == (3, 97, 161)
+        model.eval()
+        logits = model([{"image": image}])[0]["sem_seg"]
+    assert logits.shape == (cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES, 97, 161)
+    spread = (logits - logits.mean((1, 2), keepdim=True)).abs().amax()
+    assert spread > 1e-2  # not trivially symmetric
+    for dim in (1, 2):
+        assert (logits - logits.flip(dim)).abs().amax() < 1e-4 * spread, dim
+    model.train()
+    loss = model([{"image": image, "sem_seg": torch.zeros(97, 161, dtype=torch.long)}])
+    assert torch.isfinite(loss["loss_sem_seg"])
+
+
+def test_upsampling_reads_feature_j_over_stride():
+    """Pixel j of the upsampled map is feature position j / 16 (exact for a linear ramp),
+    and the pixels past the last feature centre repeat the border feature."""
+    from transfer.semseg import upsample_to_pixels
+
+    ramp = torch.arange(5, dtype=torch.float64).view(1, 1, 1, 5).expand(1, 1, 3, 5)
+    up = upsample_to_pixels(ramp, 16)
+    assert up.shape == (1, 1, 48, 80)
+    j = torch.arange(80, dtype=torch.float64)
+    torch.testing.assert_close(up[0, 0, 0], torch.clamp(j / 16, max=4.0))
+    torch.testing.assert_close(up[0, 0, :, 40], torch.full((48,), 2.5, dtype=torch.float64))
 
 
 def test_mapper_keeps_image_and_label_aligned():

@@ -2,7 +2,8 @@
 
 - ``FCNHead``: two 3x3 convs (256 channels, dilation 6, norm + ReLU) on res5 (output stride 16:
   res5 dilated by 2 with stride 1), a 1x1 classifier, bilinear upsampling to the input size,
-  cross-entropy ignoring label 255.
+  cross-entropy ignoring label 255. Logits cover any input size pixel for pixel:
+  ``upsample_to_pixels`` below says how.
 - ``SemSegCropMapper``: training augmentation of the protocol: random scale in
   ``MODEL.SEM_SEG_HEAD.SCALE_RANGE``, padding to the crop (image with the pixel mean, label with
   the ignore value), random crop ``INPUT.CROP.SIZE``, horizontal flip. Test images are used at
@@ -36,6 +37,27 @@ VOC_CLASSES = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "
                "pottedplant", "sheep", "sofa", "train", "tvmonitor"]
 
 
+def upsample_to_pixels(x, stride):
+    """Logits at stride ``stride`` -> logits per input pixel, ``stride * n`` pixels per axis.
+
+    Every conv of the ResNet and of the head pads symmetrically (7x7 pad 3, 3x3 pad
+    dilation, 1x1 pad 0, max-pool 3x3 pad 1), so feature i of an axis is centred on input
+    pixel ``stride * i``: the features sit on a corner-aligned grid. Pixel j therefore reads
+    feature position j / stride: bilinear with ``align_corners=True`` from n features to
+    ``stride * (n - 1) + 1`` pixels, then the border feature repeated for the pixels past the
+    last centre (at most stride - 1 of them). A ``W``-pixel input gives n = ceil(W / stride)
+    features, so the result covers the input; callers cut it to the label or image (top-left
+    aligned, as detectron2 pads batches). Sizes stride * k + 1 (crops 513 = 32 * 16 + 1 and
+    769 = 48 * 16 + 1) need no repeated border. ``align_corners=False`` with
+    ``scale_factor=stride`` would put pixel j on feature (j + 0.5) / stride - 0.5, a shift of
+    (stride - 1) / 2 = 7.5 pixels, and give stride * n pixels that do not match the label.
+    """
+    h, w = x.shape[-2:]
+    x = F.interpolate(x, size=(stride * (h - 1) + 1, stride * (w - 1) + 1), mode="bilinear",
+                      align_corners=True)
+    return F.pad(x, (0, stride - 1, 0, stride - 1), mode="replicate")
+
+
 @SEM_SEG_HEADS_REGISTRY.register()
 class FCNHead(nn.Module):
     def __init__(self, cfg, input_shape):
@@ -63,9 +85,9 @@ class FCNHead(nn.Module):
 
     def forward(self, features, targets=None):
         x = self.predictor(self.convs(features[self.in_feature]))
-        x = F.interpolate(x, scale_factor=self.common_stride, mode="bilinear",
-                          align_corners=False)
+        x = upsample_to_pixels(x, self.common_stride)
         if self.training:
+            x = x[..., : targets.shape[-2], : targets.shape[-1]]
             loss = F.cross_entropy(x, targets, reduction="mean", ignore_index=self.ignore_value)
             return None, {"loss_sem_seg": loss * self.loss_weight}
         return x, {}
