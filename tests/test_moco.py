@@ -1,5 +1,6 @@
 """MoCo core: InfoNCE against a written-out formula, queue, momentum, shuffle BN, resume."""
 import copy
+import json
 import math
 import os
 
@@ -79,12 +80,46 @@ def test_momentum_update_is_exact():
     assert all(not p.requires_grad for p in model.encoder_k.parameters())
 
 
-def test_single_process_shuffle_roundtrip_returns_original_order():
+class RecordingEncoder(nn.Module):
+    """Identity features that remember the batch they were given, in the order given."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def forward(self, x):
+        self.seen.append(x.clone())
+        return x.flatten(1)
+
+
+def test_single_process_shuffle_feeds_the_key_encoder_a_permuted_batch_and_undoes_it():
     model = small_moco(num_splits=1)
-    model.encoder_k = nn.Flatten()  # identity features: keys must come back in input order
-    x = torch.randn(8, 2, 1, 1)
+    model.encoder_k = RecordingEncoder()
+    x = torch.arange(8, dtype=torch.float32).view(8, 1, 1, 1) + 1.0
     k = model.compute_keys(x, generator=torch.Generator().manual_seed(3))
+    # the exact order the key encoder received: the generator's permutation of the batch
+    perm = torch.randperm(8, generator=torch.Generator().manual_seed(3))
+    assert perm.tolist() != list(range(8))
+    assert len(model.encoder_k.seen) == 1
+    assert model.encoder_k.seen[0].flatten().tolist() == (perm + 1).tolist()
+    # keys come back in the input order
     torch.testing.assert_close(k, nn.functional.normalize(x.flatten(1), dim=1))
+
+
+def test_key_shuffle_changes_the_keys_under_split_batchnorm():
+    """With BN statistics per group, which samples share a group decides the keys: the keys of
+    the shuffled batch (unshuffled) differ from the keys of the batch in its own order, and
+    equal the per-group BN computation on the permuted batch."""
+    model = small_moco(num_splits=2)
+    torch.manual_seed(2)
+    x = torch.randn(8, 3, 32, 32)
+    k = model.compute_keys(x, generator=torch.Generator().manual_seed(4))
+    perm = torch.randperm(8, generator=torch.Generator().manual_seed(4))
+    ref = small_moco(num_splits=2).encoder_k  # the same initial weights
+    unshuffled = nn.functional.normalize(ref(x), dim=1)
+    expected = nn.functional.normalize(ref(x[perm]), dim=1)[torch.argsort(perm)]
+    torch.testing.assert_close(k, expected, atol=1e-5, rtol=1e-5)
+    assert (k - unshuffled).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -130,8 +165,11 @@ def test_ddp_shuffle_roundtrip_two_processes():
         x, back, shard = results[rank]
         assert back == x
         shards += shard
-    assert sorted(v[0] for v in shards) == [0, 1, 2, 3, 10, 11, 12, 13]
-    assert shards != [[0.0], [1.0], [2.0], [3.0], [10.0], [11.0], [12.0], [13.0]]
+    # the exact shards: the global batch [0..3, 10..13] permuted by the generator, cut in two
+    glob = [0.0, 1.0, 2.0, 3.0, 10.0, 11.0, 12.0, 13.0]
+    perm = torch.randperm(8, generator=torch.Generator().manual_seed(5)).tolist()
+    assert perm != list(range(8))
+    assert shards == [[glob[i]] for i in perm]
 
 
 # ---------------------------------------------------------------- training runs
@@ -179,6 +217,20 @@ def test_checkpoint_format_and_resume_after_kill_is_exact(tiny_images, tmp_path)
     assert ck2["iteration"] == 6
     for k, v in sd.items():
         torch.testing.assert_close(ck2["state_dict"][k], v, rtol=0, atol=0, msg=k)
+    # ... and the second start ran only the missing iterations 5 and 6, with the losses the
+    # uninterrupted run had at those iterations (metrics.json is appended, one line per step)
+    full_log, cut_log = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "cut")
+    assert [r["iteration"] for r in full_log] == [1, 2, 3, 4, 5, 6]
+    assert [r["iteration"] for r in cut_log] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in cut_log] == [r["loss"] for r in full_log]
+    log = (tmp_path / "cut" / "log.txt").read_text()
+    assert log.count("resumed from") == 1
+    assert "checkpoint_last.pth.tar at iteration 4 (epoch 1)" in log
+
+
+def read_metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.json")) as f:
+        return [json.loads(line) for line in f]
 
 
 def test_unreadable_and_non_rgb_images_are_handled(tiny_images, caplog):
