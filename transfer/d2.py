@@ -4,7 +4,8 @@ detectron2's Python code imports its compiled extension ``detectron2._C`` at mod
 deformable/rotated ops and the fast COCO evaluator). This project installs detectron2 v0.6 as
 pure Python (see ``install_detectron2.py``), so when no real ``_C`` can be imported, a stand-in
 module takes its place: importing works, every op that needs the extension fails with a message
-naming the op, and COCO evaluation runs through pycocotools' official ``COCOeval``.
+naming the op, and detectron2's fast COCO evaluator (``COCOeval_opt``) is faster-coco-eval's C++
+``COCOeval`` (``fast_eval.py``), which gives pycocotools' numbers.
 
 When a real, compiled ``detectron2._C`` imports (an official build on a GPU cluster), nothing is
 replaced and detectron2 is used unchanged.
@@ -76,14 +77,15 @@ def _real_extension_importable():
         return False
 
 
-def _fall_back_to_pycocotools():
-    from pycocotools.cocoeval import COCOeval
-
+def _use_faster_coco_eval():
     from detectron2.evaluation import coco_evaluation
 
-    # COCOEvaluator picks `COCOeval_opt if use_fast_impl else COCOeval`; both become the
-    # official implementation, so results equal pycocotools' exactly.
-    coco_evaluation.COCOeval_opt = COCOeval
+    from transfer.fast_eval import FasterCOCOeval
+
+    # COCOEvaluator picks `COCOeval_opt if use_fast_impl else COCOeval`: the fast one, whose
+    # C++ half is in the missing extension, becomes faster-coco-eval's C++ COCOeval (same
+    # numbers as pycocotools; tests/test_fast_eval.py).
+    coco_evaluation.COCOeval_opt = FasterCOCOeval
 
 
 _state = {}
@@ -104,7 +106,7 @@ def ensure_detectron2():
         stand_in = make_stand_in()
         sys.modules["detectron2._C"] = stand_in
         detectron2._C = stand_in
-        _fall_back_to_pycocotools()
+        _use_faster_coco_eval()
     _state["compiled"] = compiled
     return compiled
 

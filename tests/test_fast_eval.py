@@ -1,0 +1,162 @@
+"""Fast COCO evaluation (transfer/fast_eval.py) gives pycocotools' numbers, and the harness's
+COCO evaluator goes through it.
+
+Detections are made from the real ground truth of coco_tiny val (../shared/data) with a fixed
+seed: every instance detected twice with jittered geometry and random scores, one in ten with a
+wrong class, plus false positives on every image; then evaluated by pycocotools' ``COCOeval``
+and by the fast path, and every summary number and the precision array compared.
+"""
+import contextlib
+import copy
+import io
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from pycocotools import mask as mask_util
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from tests.conftest import SHARED_DATA, requires_shared
+from transfer.d2 import has_compiled_ops
+from transfer.fast_eval import FasterCOCOeval
+
+import detectron2.evaluation.coco_evaluation as coco_evaluation  # noqa: E402  (after transfer)
+from detectron2.config import get_cfg  # noqa: E402
+from detectron2.data import DatasetCatalog  # noqa: E402
+from detectron2.evaluation import COCOEvaluator  # noqa: E402
+from detectron2.structures import Boxes, Instances  # noqa: E402
+
+COCO_ANN = os.path.join(SHARED_DATA, "coco_tiny", "annotations")
+
+
+def _quiet(fn, *args):
+    with contextlib.redirect_stdout(io.StringIO()):
+        return fn(*args)
+
+
+def _rle(binary):
+    rle = mask_util.encode(np.asfortranarray(binary.astype(np.uint8)))
+    rle["counts"] = rle["counts"].decode()
+    return rle
+
+
+def make_detections(coco, iou_type, seed=0, false_positives=5):
+    """Two jittered detections per (non-crowd) instance, random scores, 10% with a wrong
+    class, and `false_positives` random ones per image, in COCO results format."""
+    rng = np.random.default_rng(seed)
+    cats = sorted(coco.getCatIds())
+    out = []
+
+    def geometry(d, x, y, w, h, img, ann=None):
+        if iou_type == "bbox":
+            d["bbox"] = [x, y, w, h]
+        elif iou_type == "segm":
+            if ann is None:
+                d["segmentation"] = _rle(np.pad(np.ones((int(h) + 1, int(w) + 1)), (
+                    (int(y), img["height"] - int(y) - int(h) - 1),
+                    (int(x), img["width"] - int(x) - int(w) - 1)))[:img["height"], :img["width"]])
+            else:  # the instance's mask, shifted
+                dx, dy = int(round(x - ann["bbox"][0])), int(round(y - ann["bbox"][1]))
+                d["segmentation"] = _rle(np.roll(coco.annToMask(ann), (dy, dx), (0, 1)))
+        else:
+            if ann is None:
+                kp = np.c_[rng.uniform(x, x + w, 17), rng.uniform(y, y + h, 17), np.ones(17)]
+            else:
+                kp = np.array(ann["keypoints"], float).reshape(-1, 3)
+                kp[:, :2] += rng.normal(0, 0.1 * np.sqrt(ann["area"]) ** 0.5, (len(kp), 2))
+                kp[:, 2] = 1
+            d["keypoints"] = kp.ravel().tolist()
+        return d
+
+    for ann in coco.dataset["annotations"]:
+        if ann.get("iscrowd") or (iou_type == "keypoints" and not ann.get("num_keypoints")):
+            continue
+        img = coco.imgs[ann["image_id"]]
+        for _ in range(2):
+            x, y, w, h = ann["bbox"]
+            j = rng.normal(0, 0.1, 4) * [w, h, w, h]
+            cat = ann["category_id"] if rng.random() > 0.1 else int(rng.choice(cats))
+            d = {"image_id": ann["image_id"], "category_id": cat, "score": float(rng.random())}
+            out.append(geometry(d, x + j[0], y + j[1], max(1.0, w + j[2]), max(1.0, h + j[3]),
+                                img, ann))
+    for img_id in sorted(coco.getImgIds()):
+        img = coco.imgs[img_id]
+        for _ in range(false_positives):
+            w, h = rng.uniform(4, 0.5 * min(img["width"], img["height"]), 2)
+            x, y = rng.uniform(0, img["width"] - w - 1), rng.uniform(0, img["height"] - h - 1)
+            d = {"image_id": img_id, "category_id": int(rng.choice(cats)),
+                 "score": float(rng.random() * 0.6)}
+            out.append(geometry(d, x, y, w, h, img))
+    return out
+
+
+def _run(cls, gt, results, iou_type):
+    dt = _quiet(gt.loadRes, copy.deepcopy(results))
+    ev = cls(gt, dt, iou_type)
+    _quiet(ev.evaluate)
+    _quiet(ev.accumulate)
+    _quiet(ev.summarize)
+    return ev
+
+
+@requires_shared
+@pytest.mark.parametrize("iou_type, ann_file", [
+    ("bbox", "instances_val2017.json"),
+    ("segm", "instances_val2017.json"),
+    ("keypoints", "person_keypoints_val2017.json"),
+])
+def test_fast_coco_eval_equals_pycocotools(iou_type, ann_file):
+    gt = _quiet(COCO, os.path.join(COCO_ANN, ann_file))
+    results = make_detections(gt, iou_type)
+    reference = _run(COCOeval, gt, results, iou_type)
+    fast = _run(FasterCOCOeval, gt, results, iou_type)
+    assert len(fast.stats) == len(reference.stats) == (10 if iou_type == "keypoints" else 12)
+    # a real evaluation, not a degenerate one: AP well inside (0, 1)
+    assert 0.2 < reference.stats[0] < 0.9
+    np.testing.assert_allclose(fast.stats, reference.stats, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(fast.eval["precision"], reference.eval["precision"],
+                               rtol=0, atol=1e-12)
+
+
+@requires_shared
+def test_coco_evaluator_of_the_harness_uses_the_fast_path(tmp_path, caplog):
+    """The evaluator `coco` datasets get evaluates through the fast path, with pycocotools'
+    numbers: predictions fed through process()/evaluate() as a model's would be."""
+    from transfer.train_net import Trainer
+
+    name = "coco_2017_val"
+    evaluator = Trainer.build_evaluator(get_cfg(), name, str(tmp_path))._evaluators[0]
+    assert isinstance(evaluator, COCOEvaluator) and evaluator._use_fast_impl
+    if has_compiled_ops():  # detectron2's own compiled COCOeval_opt, unchanged
+        assert coco_evaluation.COCOeval_opt.__module__ == "detectron2.evaluation.fast_eval_api"
+    else:
+        assert coco_evaluation.COCOeval_opt is FasterCOCOeval
+
+    gt = _quiet(COCO, os.path.join(COCO_ANN, "instances_val2017.json"))
+    results = make_detections(gt, "bbox", seed=1)
+    contiguous = {c: i for i, c in enumerate(sorted(gt.getCatIds()))}
+    evaluator.reset()
+    for record in DatasetCatalog.get(name):
+        mine = [r for r in results if r["image_id"] == record["image_id"]]
+        boxes = torch.tensor([r["bbox"] for r in mine], dtype=torch.float32).reshape(-1, 4)
+        boxes[:, 2:] += boxes[:, :2]  # XYWH -> XYXY, as a model predicts them
+        inst = Instances((record["height"], record["width"]), pred_boxes=Boxes(boxes),
+                         scores=torch.tensor([r["score"] for r in mine]),
+                         pred_classes=torch.tensor([contiguous[r["category_id"]] for r in mine],
+                                                   dtype=torch.int64))
+        evaluator.process([{"image_id": record["image_id"]}], [{"instances": inst}])
+    with caplog.at_level("INFO", logger="transfer.fast_eval"):
+        metrics = evaluator.evaluate()["bbox"]
+    if not has_compiled_ops():
+        assert any("COCOeval_opt.evaluate() finished" in r.getMessage() for r in caplog.records)
+    # the detections detectron2 wrote for this evaluation, through pycocotools
+    with open(tmp_path / "coco_instances_results.json") as f:
+        written = json.load(f)
+    assert len(written) == len(results)
+    reference = _run(COCOeval, gt, written, "bbox")
+    assert 0.2 < reference.stats[0] < 0.9
+    for i, key in enumerate(["AP", "AP50", "AP75", "APs", "APm", "APl"]):
+        assert metrics[key] == pytest.approx(reference.stats[i] * 100, abs=1e-9)
