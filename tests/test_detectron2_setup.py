@@ -26,11 +26,12 @@ def test_stand_in_raises_a_clear_error_for_a_compiled_only_op():
         pairwise_iou_rotated(boxes, boxes)
 
 
-def test_coco_evaluation_falls_back_to_pycocotools():
+def test_fast_coco_evaluation_is_faster_coco_eval_without_compiled_ops():
     from detectron2.evaluation import coco_evaluation
-    from pycocotools.cocoeval import COCOeval
 
-    assert coco_evaluation.COCOeval_opt is COCOeval
+    from transfer.fast_eval import FasterCOCOeval
+
+    assert coco_evaluation.COCOeval_opt is FasterCOCOeval  # numbers: tests/test_fast_eval.py
 
 
 def test_stand_in_is_not_installed_when_a_real_extension_imports(tmp_path):

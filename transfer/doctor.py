@@ -72,7 +72,7 @@ def main():
         print(f"detectron2   {detectron2.__version__} at {os.path.dirname(detectron2.__file__)}")
         print("compiled ops " + ("present (detectron2._C)" if compiled else
               "absent: pure-Python detectron2; deformable/rotated ops unavailable, COCO "
-              "evaluation through pycocotools"))
+              "evaluation through faster-coco-eval's C++ COCOeval"))
     except ImportError as e:
         problems.append(f"detectron2 cannot be imported ({e}); run `make setup`")
     if torch is not None:
