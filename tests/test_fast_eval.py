@@ -18,10 +18,11 @@ import torch
 from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+from lvis import LVIS, LVISEval, LVISResults
 
 from tests.conftest import SHARED_DATA, requires_shared
 from transfer.d2 import has_compiled_ops
-from transfer.fast_eval import FasterCOCOeval
+from transfer.fast_eval import LVIS_METRICS, FasterCOCOeval, FasterLVISEvaluator, evaluate_lvis
 
 import detectron2.evaluation.coco_evaluation as coco_evaluation  # noqa: E402  (after transfer)
 from detectron2.config import get_cfg  # noqa: E402
@@ -30,6 +31,8 @@ from detectron2.evaluation import COCOEvaluator  # noqa: E402
 from detectron2.structures import Boxes, Instances  # noqa: E402
 
 COCO_ANN = os.path.join(SHARED_DATA, "coco_tiny", "annotations")
+LVIS_ANN = os.path.join(SHARED_DATA, "lvis_tiny", "annotations")
+LVIS_PRESENT = os.path.join(LVIS_ANN, "lvis_v0.5_val_present_images_only.json")
 
 
 def _quiet(fn, *args):
@@ -37,15 +40,11 @@ def _quiet(fn, *args):
         return fn(*args)
 
 
-def _rle(binary):
-    rle = mask_util.encode(np.asfortranarray(binary.astype(np.uint8)))
-    rle["counts"] = rle["counts"].decode()
-    return rle
-
-
-def make_detections(coco, iou_type, seed=0, false_positives=5):
+def make_detections(coco, iou_type, seed=0, false_positives=5, more_on_first_image=0):
     """Two jittered detections per (non-crowd) instance, random scores, 10% with a wrong
-    class, and `false_positives` random ones per image, in COCO results format."""
+    class, and `false_positives` random ones per image (`more_on_first_image` more on the
+    first; half of them of a class the image is verified not to have, where the json says so,
+    as LVIS's do), in COCO results format."""
     rng = np.random.default_rng(seed)
     cats = sorted(coco.getCatIds())
     out = []
@@ -53,14 +52,12 @@ def make_detections(coco, iou_type, seed=0, false_positives=5):
     def geometry(d, x, y, w, h, img, ann=None):
         if iou_type == "bbox":
             d["bbox"] = [x, y, w, h]
-        elif iou_type == "segm":
-            if ann is None:
-                d["segmentation"] = _rle(np.pad(np.ones((int(h) + 1, int(w) + 1)), (
-                    (int(y), img["height"] - int(y) - int(h) - 1),
-                    (int(x), img["width"] - int(x) - int(w) - 1)))[:img["height"], :img["width"]])
-            else:  # the instance's mask, shifted
-                dx, dy = int(round(x - ann["bbox"][0])), int(round(y - ann["bbox"][1]))
-                d["segmentation"] = _rle(np.roll(coco.annToMask(ann), (dy, dx), (0, 1)))
+        elif iou_type == "segm":  # a box, or the instance's polygons moved with its box
+            polygons = [[x, y, x + w, y, x + w, y + h, x, y + h]] if ann is None else [
+                (np.array(p).reshape(-1, 2) + [x - ann["bbox"][0], y - ann["bbox"][1]]).ravel()
+                .tolist() for p in ann["segmentation"]]
+            rle = mask_util.merge(mask_util.frPyObjects(polygons, img["height"], img["width"]))
+            d["segmentation"] = {"size": rle["size"], "counts": rle["counts"].decode()}
         else:
             if ann is None:
                 kp = np.c_[rng.uniform(x, x + w, 17), rng.uniform(y, y + h, 17), np.ones(17)]
@@ -82,13 +79,14 @@ def make_detections(coco, iou_type, seed=0, false_positives=5):
             d = {"image_id": ann["image_id"], "category_id": cat, "score": float(rng.random())}
             out.append(geometry(d, x + j[0], y + j[1], max(1.0, w + j[2]), max(1.0, h + j[3]),
                                 img, ann))
-    for img_id in sorted(coco.getImgIds()):
+    for k, img_id in enumerate(sorted(coco.getImgIds())):
         img = coco.imgs[img_id]
-        for _ in range(false_positives):
+        negatives = img.get("neg_category_ids") or cats
+        for _ in range(false_positives + (more_on_first_image if k == 0 else 0)):
             w, h = rng.uniform(4, 0.5 * min(img["width"], img["height"]), 2)
             x, y = rng.uniform(0, img["width"] - w - 1), rng.uniform(0, img["height"] - h - 1)
-            d = {"image_id": img_id, "category_id": int(rng.choice(cats)),
-                 "score": float(rng.random() * 0.6)}
+            cat = int(rng.choice(negatives if rng.random() < 0.5 else cats))
+            d = {"image_id": img_id, "category_id": cat, "score": float(rng.random() * 0.6)}
             out.append(geometry(d, x, y, w, h, img))
     return out
 
@@ -160,3 +158,61 @@ def test_coco_evaluator_of_the_harness_uses_the_fast_path(tmp_path, caplog):
     assert 0.2 < reference.stats[0] < 0.9
     for i, key in enumerate(["AP", "AP50", "AP75", "APs", "APm", "APl"]):
         assert metrics[key] == pytest.approx(reference.stats[i] * 100, abs=1e-9)
+
+
+def _lvis_api(lvis_gt, results, iou_type, max_dets=300):
+    """lvis-api's own evaluation, as detectron2 v0.6 runs it (masks scored without boxes)."""
+    results = [{k: v for k, v in r.items() if not (iou_type == "segm" and k == "bbox")}
+               for r in copy.deepcopy(results)]
+    ev = LVISEval(lvis_gt, LVISResults(lvis_gt, results, max_dets=max_dets), iou_type)
+    _quiet(ev.run)
+    return {m: v * 100 for m, v in ev.get_results().items() if m in LVIS_METRICS}
+
+
+@requires_shared
+@pytest.mark.parametrize("iou_type", ["bbox", "segm"])
+def test_fast_lvis_eval_equals_lvis_api(iou_type):
+    """lvis_tiny's 100-image val json (1230 classes, rare/common/frequent, negative and
+    not-exhaustive classes per image); 330 detections on the first image test the cap of 300."""
+    path = os.path.join(LVIS_ANN, "lvis_v0.5_val_100.json")
+    lvis_gt = _quiet(LVIS, path)
+    results = make_detections(_quiet(COCO, path), iou_type, seed=2, more_on_first_image=330)
+    first = min(r["image_id"] for r in results)
+    assert sum(r["image_id"] == first for r in results) > 300
+    reference = _lvis_api(lvis_gt, results, iou_type)
+    fast = evaluate_lvis(lvis_gt, copy.deepcopy(results), iou_type)
+    assert set(fast) == set(reference) == set(LVIS_METRICS)
+    assert all(0 < reference[m] < 100 for m in ("AP", "APc", "APf")), reference
+    for m in LVIS_METRICS:
+        assert fast[m] == pytest.approx(reference[m], abs=1e-9), m
+
+
+@requires_shared
+def test_lvis_evaluator_of_the_harness_uses_the_fast_path(tmp_path):
+    """`lvis` datasets get FasterLVISEvaluator; fed like a model's outputs, it gives lvis-api's
+    numbers on the detections it wrote."""
+    from transfer.train_net import Trainer
+
+    name = "lvis_v0.5_val"  # the conftest root: lvis_tiny's json of its one present image
+    evaluator = Trainer.build_evaluator(get_cfg(), name, str(tmp_path))._evaluators[0]
+    assert isinstance(evaluator, FasterLVISEvaluator)
+    lvis_gt = evaluator._lvis_api
+    results = make_detections(_quiet(COCO, LVIS_PRESENT), "bbox", seed=3)
+    evaluator.reset()
+    for record in DatasetCatalog.get(name):
+        mine = [r for r in results if r["image_id"] == record["image_id"]]
+        boxes = torch.tensor([r["bbox"] for r in mine], dtype=torch.float32).reshape(-1, 4)
+        boxes[:, 2:] += boxes[:, :2]
+        inst = Instances((record["height"], record["width"]), pred_boxes=Boxes(boxes),
+                         scores=torch.tensor([r["score"] for r in mine]),
+                         pred_classes=torch.tensor([r["category_id"] - 1 for r in mine],
+                                                   dtype=torch.int64))
+        evaluator.process([{"image_id": record["image_id"]}], [{"instances": inst}])
+    metrics = evaluator.evaluate()["bbox"]
+    with open(tmp_path / "lvis_instances_results.json") as f:
+        written = json.load(f)
+    assert len(written) == len(results)
+    reference = _lvis_api(lvis_gt, written, "bbox")
+    assert 0 < reference["AP"] < 100
+    for m in LVIS_METRICS:
+        assert metrics[m] == pytest.approx(reference[m], abs=1e-9), m

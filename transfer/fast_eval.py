@@ -9,12 +9,19 @@ pycocotools' numbers (checked metric by metric in tests/test_fast_eval.py) sever
 
 faster-coco-eval's C++ entry points take its own dataset objects, not the per-instance lists
 detectron2's ``COCOeval_opt`` passes to ``_C``, so the whole evaluator class is used instead.
-LVIS stays on lvis-api's ``LVISEval`` (see ``tests/test_fast_eval.py`` for why).
+LVIS: ``FasterLVISEvaluator`` scores with faster-coco-eval in LVIS mode, which gives lvis-api's
+``LVISEval`` numbers (tests/test_fast_eval.py); detectron2 v0.6 calls ``LVISEval`` from inside
+a module function, so the evaluator's ``_eval_predictions`` is where it is replaced.
 """
+import json
 import logging
+import os
 
+from detectron2.evaluation import LVISEvaluator
+from detectron2.utils.logger import create_small_table
 from faster_coco_eval import COCO as FasterCOCO
 from faster_coco_eval import COCOeval_faster
+from lvis import LVISResults
 
 logger = logging.getLogger(__name__)
 
@@ -39,3 +46,70 @@ class FasterCOCOeval(COCOeval_faster):
     def __init__(self, cocoGt=None, cocoDt=None, iouType="segm"):
         super().__init__(as_faster_coco(cocoGt), as_faster_coco(cocoDt), iouType,
                          print_function=logger.info)
+
+
+# ------------------------------------------------------------------------------------- LVIS
+# LVIS's summary numbers (detectron2's names) -> faster-coco-eval's LVIS-mode names
+LVIS_METRICS = {"AP": "AP_all", "AP50": "AP_50", "AP75": "AP_75", "APs": "AP_small",
+                "APm": "AP_medium", "APl": "AP_large", "APr": "APr", "APc": "APc", "APf": "APf"}
+LVIS_MAX_DETS = 300  # per image, the LVIS protocol's limit
+
+
+def evaluate_lvis(lvis_gt, lvis_results, iou_type, max_dets_per_image=None):
+    """LVIS AP (percent, detectron2's metric names) of results in LVIS json format: lvis-api's
+    ``LVISResults`` keeps the top ``max_dets_per_image`` per image as lvis-api does, then
+    faster-coco-eval's ``COCOeval`` in LVIS mode (negative / not-exhaustive categories, rare /
+    common / frequent AP) evaluates; equal to lvis-api's ``LVISEval`` (tests/test_fast_eval.py).
+    """
+    if not lvis_results:
+        logger.warning("No predictions to evaluate for %s", iou_type)
+        return {m: float("nan") for m in LVIS_METRICS}
+    max_dets = LVIS_MAX_DETS if max_dets_per_image is None else max_dets_per_image
+    # copies: LVISResults and the evaluator annotate the dicts; masks are scored with their own
+    # area, so a segm result carries no box (detectron2 drops it for the same reason)
+    results = [{k: v for k, v in r.items() if not (iou_type == "segm" and k == "bbox")}
+               for r in lvis_results]
+    lvis_dt = LVISResults(lvis_gt, results, max_dets=max_dets)
+    # LVIS scores a class on an image only where it is verified present (has an annotation
+    # there) or absent (neg_category_ids); the rest are left out before faster-coco-eval sees
+    # them, as lvis-api leaves them out (its own filter fails on masks of an image left with
+    # no detection and no annotation)
+    verified = {(a["image_id"], a["category_id"]) for a in lvis_gt.dataset["annotations"]}
+    verified |= {(img["id"], c) for img in lvis_gt.dataset["images"]
+                 for c in img.get("neg_category_ids", [])}
+    lvis_dt.dataset["annotations"] = [d for d in lvis_dt.dataset["annotations"]
+                                      if (d["image_id"], d["category_id"]) in verified]
+    ev = COCOeval_faster(as_faster_coco(lvis_gt), as_faster_coco(lvis_dt), iou_type,
+                         lvis_style=True, print_function=logger.info)
+    ev.params.maxDets = [max_dets]
+    ev.run()
+    stats = ev.stats_as_dict
+    metrics = {m: float(stats[k] * 100) for m, k in LVIS_METRICS.items()}
+    logger.info("Evaluation results for %s:\n%s", iou_type, create_small_table(metrics))
+    return metrics
+
+
+class FasterLVISEvaluator(LVISEvaluator):
+    """detectron2's ``LVISEvaluator`` (same inputs, outputs, results file) whose predictions
+    are scored by ``evaluate_lvis`` instead of lvis-api's pure-Python ``LVISEval``."""
+
+    def _eval_predictions(self, predictions):
+        results = [r for p in predictions for r in p["instances"]]
+        tasks = self._tasks or self._tasks_from_predictions(results)
+        # the model's contiguous class ids back to the json's category ids
+        to_json = {v: k for k, v in
+                   self._metadata.get("thing_dataset_id_to_contiguous_id", {}).items()}
+        for r in results:
+            r["category_id"] = to_json[r["category_id"]] if to_json else r["category_id"] + 1
+        if self._output_dir:
+            path = os.path.join(self._output_dir, "lvis_instances_results.json")
+            os.makedirs(self._output_dir, exist_ok=True)
+            with open(path + ".tmp", "w") as f:
+                json.dump(results, f)
+            os.replace(path + ".tmp", path)
+        if not self._do_evaluation:
+            self._logger.info("Annotations are not available for evaluation.")
+            return
+        for task in sorted(tasks):
+            self._results[task] = evaluate_lvis(self._lvis_api, results, task,
+                                                self._max_dets_per_image)

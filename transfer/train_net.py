@@ -32,6 +32,7 @@ from fvcore.nn.precise_bn import get_bn_modules  # noqa: E402
 
 from transfer import datasets  # noqa: E402
 from transfer.config import setup_cfg  # noqa: E402
+from transfer.fast_eval import FasterLVISEvaluator  # noqa: E402
 from transfer.weights import load_pretrained  # noqa: E402
 
 logger = logging.getLogger("transfer")
@@ -64,7 +65,7 @@ class CityscapesInstanceEvaluatorKeepingMatches(CityscapesInstanceEvaluator):
 
 EVALUATORS = {
     "coco": _coco,
-    "lvis": lambda name, cfg, out: LVISEvaluator(name, output_dir=out),
+    "lvis": lambda name, cfg, out: FasterLVISEvaluator(name, output_dir=out),
     "pascal_voc": lambda name, cfg, out: PascalVOCDetectionEvaluator(name),
     "cityscapes_instance": lambda name, cfg, out: CityscapesInstanceEvaluatorKeepingMatches(
         name, out),
