@@ -1,8 +1,10 @@
 """DensePose: the generated DensePose-COCO fixture (official format) through loading, the
-mapper, the losses, GPS on a mesh with exact geodesics, training, inference and evaluation."""
+mapper, the losses, GPS on a mesh with exact geodesics, the evaluator against the official
+one's numbers (densepose_golden), the legacy s1x config, training, inference and evaluation."""
 import json
 import math
 import os
+import pickle
 
 import numpy as np
 import pytest
@@ -11,7 +13,9 @@ import torch
 import transfer.datasets  # noqa: F401  (registers the DensePose datasets)
 from transfer.config import setup_cfg
 from transfer.densepose import fixture, gps
-from transfer.densepose.evaluation import encode_iuv, evaluate_densepose, resolve_geodesics
+from transfer.densepose.evaluation import (
+    DensePoseCocoEval, encode_iuv, evaluate_densepose, gt_coco, iuv_size, resolve_geodesics,
+    results_coco)
 from transfer.densepose.structures import (
     MASK_LABEL_SYMMETRIES, DensePoseData, decode_part_masks)
 
@@ -200,16 +204,28 @@ def surface(tmp_path_factory):
     return gps.load_official_surface(str(folder))
 
 
+# the official evaluator's kappa per chart (densepose_golden/README.md, written out here)
+KAPPA = {1: 0.351, 2: 0.351, 3: 0.107, 4: 0.107, 5: 0.126, 6: 0.126}
+KAPPA.update({c: 0.237 for c in range(7, 11)})
+KAPPA.update({c: 0.173 for c in range(11, 15)})
+KAPPA.update({c: 0.142 for c in range(15, 19)})
+KAPPA.update({c: 0.128 for c in range(19, 23)})
+KAPPA.update({23: 0.150, 24: 0.150})
+
+
 def test_gps_geodesics_on_the_test_mesh(surface):
-    v = surface.vertices([1, 1, 2, 0], [0.4, 1.0, 0.0, 0.5], [0.1, 0.0, 0.0, 0.5])
+    v = surface.vertices([1, 1, 2, 0, 1], [0.4, 1.0, 0.0, 0.5, 0.25], [0.1, 0.0, 0.0, 0.5, 0.0])
     assert v[3] == -1
     assert surface.part_ids[v[0]] == 1 and tuple(surface.uv[v[0]]) == (0.5, 0.0)
+    assert tuple(surface.uv[v[4]]) == (0.0, 0.0)  # a tie between U 0 and 0.5: the first vertex
     d = surface.geodesics(v[[0, 1, 0, 0]], v[[1, 2, 0, 3]])
     # (1, .5, 0) -> (1, 1, 0): 0.05; (1, 1, 0) and (2, 0, 0) are the same place: 0
     np.testing.assert_allclose(d, [0.05, 0.0, 0.0, np.inf], atol=1e-12)
-    k = 0.255
-    g = gps.gps(surface, ([1, 3], [0.0, 0.5], [0.0, 0.5]), ([2, 3], [0.0, 0.5], [0.0, 0.5]))
-    assert g == pytest.approx((math.exp(-W_CHART ** 2 / (2 * k * k)) + 1) / 2)
+    # kappa by the annotated point's chart: torso (chart 1) 0.351, hand (chart 3) 0.107
+    g = gps.gps(surface, ([1, 3], [0.0, 0.5], [0.0, 0.5]), ([2, 4], [0.0, 0.5], [0.0, 0.5]))
+    assert g == pytest.approx((math.exp(-W_CHART ** 2 / (2 * 0.351 ** 2))
+                               + math.exp(-W_CHART ** 2 / (2 * 0.107 ** 2))) / 2)
+    assert gps.gps(surface, ([1, 3], [0.0, 0.5], [0.0, 0.5]), ([0, 0], [0, 0], [0, 0])) == 0
 
 
 BOX = [10.0, 20.0, 100.0, 200.0]
@@ -231,12 +247,14 @@ def _gt_dataset():
 
 
 def _prediction(dataset, chart_shift=0, background_every=0, box=BOX, score=0.9):
+    """An IUV image for `box` holding person 1's (chart + shift, U, V) at the pixels where the
+    evaluator reads its points: column int(x0 + dp_x * w / 255 - box x), row alike."""
     gt = dataset["annotations"][0]
-    h, w = int(round(box[3])), int(round(box[2]))
+    h, w = iuv_size(box)
     iuv = np.zeros((3, h, w), np.uint8)
     for k, (x, y) in enumerate(zip(gt["dp_x"], gt["dp_y"])):
-        c = int((BOX[0] + x / 256 * BOX[2] - box[0]) / box[2] * w)
-        r = int((BOX[1] + y / 256 * BOX[3] - box[1]) / box[3] * h)
+        c = int(x * BOX[2] / 255 + BOX[0] - box[0])
+        r = int(y * BOX[3] / 255 + BOX[1] - box[1])
         if (background_every and k % background_every == 0) or not (0 <= c < w and 0 <= r < h):
             continue
         iuv[:, r, c] = [gt["dp_I"][k] + chart_shift, round(gt["dp_U"][k] * 255),
@@ -245,22 +263,32 @@ def _prediction(dataset, chart_shift=0, background_every=0, box=BOX, score=0.9):
             "densepose": encode_iuv(iuv)}
 
 
+def _ap_of_one_match(g):
+    """AP (%) of one detection matched to the only person with pair score g."""
+    return 100 * np.mean([t <= g for t in np.linspace(0.5, 0.95, 10)])
+
+
 def test_gps_ap_perfect_shifted_and_partial(surface):
     data = _gt_dataset()
+    # a detection on the person without points: box IoU 1 >= 0.8 there, so it is ignored
     on_ignored = _prediction(data, box=[150.0, 30.0, 60.0, 150.0], score=0.95)
-    perfect = evaluate_densepose(data, [_prediction(data), on_ignored], surface)["densepose"]
+    res = evaluate_densepose(data, [_prediction(data), on_ignored], surface)
+    perfect = res["densepose"]
     assert perfect["AP"] == pytest.approx(100) and perfect["AP75"] == pytest.approx(100)
-    # every point on the neighbouring chart: geodesic 0.1 -> GPS exp(-0.1^2 / (2 0.255^2))
-    g = math.exp(-W_CHART ** 2 / (2 * 0.255 ** 2))
-    assert 0.9 < g < 0.95
+    assert np.isnan(perfect["APm"]) and perfect["APl"] == pytest.approx(100)  # no medium person
+    # GPSM: the predicted body is the 12 point pixels, the person has no part masks: IoU 0
+    assert res["densepose_gpsm"]["AP"] == 0
+    # every point on the neighbouring chart: geodesic 0.1, kappa by the annotated chart
+    charts = data["annotations"][0]["dp_I"]
+    g = np.mean([math.exp(-W_CHART ** 2 / (2 * KAPPA[c] ** 2)) for c in charts])
+    assert 0.75 < g < 0.9
     shifted = evaluate_densepose(data, [_prediction(data, chart_shift=1)], surface)["densepose"]
-    assert shifted["AP"] == pytest.approx(90)  # matched at thresholds 0.50 .. 0.90, not 0.95
+    assert shifted["AP"] == pytest.approx(_ap_of_one_match(g))
     assert shifted["AP50"] == pytest.approx(100) and shifted["AP75"] == pytest.approx(100)
     # a third of the points predicted as background: GPS 2/3 -> thresholds 0.50 .. 0.65
     part = evaluate_densepose(data, [_prediction(data, background_every=3)], surface)["densepose"]
     assert part["AP"] == pytest.approx(40) and part["AP50"] == pytest.approx(100)
     assert part["AP75"] == pytest.approx(0)
-    assert np.isnan(perfect["APm"]) and perfect["APl"] == pytest.approx(100)  # no medium person
 
 
 def test_without_geodesic_data_gps_is_skipped_with_a_reason(tmp_path):
@@ -270,6 +298,233 @@ def test_without_geodesic_data_gps_is_skipped_with_a_reason(tmp_path):
     res = evaluate_densepose(data, [_prediction(data)], None)
     # box AP counts every person (two, one detected): precision 1 up to recall 0.5 -> 51/101
     assert "densepose" not in res and res["bbox"]["AP"] == pytest.approx(100 * 51 / 101)
+
+
+# ---------------------------------------------------------------- the official evaluator's numbers
+# ../shared/reference/densepose_golden: ground truth, a test surface in the official layout,
+# prediction sets and the numbers detectron2's DensePoseCocoEval (commit 02b5c4e2) gives them
+GOLDEN = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "shared",
+                                      "reference", "densepose_golden"))
+requires_golden = pytest.mark.skipif(
+    not os.path.isdir(GOLDEN), reason=f"needs the official evaluator's numbers in {GOLDEN}")
+
+
+def _golden_expected():
+    with open(os.path.join(GOLDEN, "expected.json")) as f:
+        return json.load(f)
+
+
+def _golden_case(name):
+    """gt.json and a case's detections as the harness saves them (compact IUV)."""
+    with open(os.path.join(GOLDEN, "gt.json")) as f:
+        dataset = json.load(f)
+    with open(os.path.join(GOLDEN, "cases", f"{name}.json")) as f:
+        case = json.load(f)
+    arrays = np.load(os.path.join(GOLDEN, "cases", f"{name}.npz"))
+    predictions = []
+    for d in case["detections"]:
+        iuv = arrays[d["iuv"]]
+        assert iuv.shape[1:] == iuv_size(d["bbox"])  # the harness's IUV size convention
+        predictions.append(dict({k: d[k] for k in ("image_id", "category_id", "bbox", "score")},
+                                densepose=encode_iuv(iuv)))
+    return dataset, predictions
+
+
+@pytest.fixture(scope="module")
+def golden_surface():
+    return gps.load_official_surface(os.path.join(GOLDEN, "surface"))
+
+
+GOLDEN_CASES = sorted(_golden_expected()["cases"]) if os.path.isdir(GOLDEN) else []
+
+
+@requires_golden
+def test_evaluator_agrees_with_the_official_one_on_every_golden_case(golden_surface):
+    """GPS (the published APdp) and GPSM: AP, AP50, AP75, APm, APl within 0.05 of the official
+    evaluator, through the harness's own evaluation (evaluate_densepose)."""
+    expected = _golden_expected()["cases"]
+    assert len(GOLDEN_CASES) == 12
+    for name in GOLDEN_CASES:
+        dataset, predictions = _golden_case(name)
+        assert len(predictions) == expected[name]["n_detections"]
+        res = evaluate_densepose(dataset, predictions, golden_surface)
+        for key, mode in (("densepose", "GPS"), ("densepose_gpsm", "GPSM")):
+            for metric, want in expected[name][mode].items():
+                assert res[key][metric] == pytest.approx(want, abs=0.05), (name, mode, metric)
+
+
+@requires_golden
+@pytest.mark.parametrize("name", ["perfect", "lr_swap_50", "subpixel_stripes"])
+def test_pair_scores_equal_the_official_ones(golden_surface, name):
+    """Per (detection, person): GPS and body-mask IoU to the official evaluator's 6 decimals."""
+    want = _golden_expected()["pair_matrices"][name]
+    dataset, predictions = _golden_case(name)
+    ev = DensePoseCocoEval(gt_coco(dataset), results_coco(dataset, predictions),
+                           golden_surface)
+    ev.params.imgIds = sorted(ev.cocoGt.getImgIds())
+    ev._prepare()
+    pairs = ev.pair_scores(want["image_id"], 1)
+    dets = ev._top_detections(ev._dts[want["image_id"], 1], 20)
+    assert [d["id"] - 1 for d in dets] == want["rows_detection_index"]
+    assert [g["id"] for g in ev._gts[want["image_id"], 1]] == want["columns_annotation_id"]
+    np.testing.assert_allclose(pairs["gps"], want["gps"], atol=1.5e-6)
+    np.testing.assert_allclose(pairs["mask_iou"], want["mask_iou"], atol=1.5e-6)
+
+
+@requires_golden
+def test_fixture_surface_files_have_the_official_layout(tmp_path):
+    """The writer's three files against the golden surface/ (the official layout): the same
+    variables with the same dtypes and shape pattern (1 x N, N x 1, (K, 1) in a dict)."""
+    from scipy.io import loadmat
+
+    fixture.write_fixture(str(tmp_path))
+    ours, official = os.path.join(str(tmp_path), "densepose"), os.path.join(GOLDEN, "surface")
+    n = 24 * 5 * 5  # fixture surface: 5 x 5 vertices per chart
+    for name in ("SMPL_subdiv.mat", "SMPL_SUBDIV_TRANSFORM.mat"):
+        a, b = loadmat(os.path.join(ours, name)), loadmat(os.path.join(official, name))
+        keys = sorted(k for k in b if not k.startswith("__"))
+        assert sorted(k for k in a if not k.startswith("__")) == keys
+        for k in keys:
+            assert a[k].dtype == b[k].dtype, (name, k)
+            assert a[k].shape == tuple(n if s == 600 else s for s in b[k].shape), (name, k)
+    part_ids = loadmat(os.path.join(ours, "SMPL_subdiv.mat"))["Part_ID_subdiv"]
+    assert part_ids.dtype == np.int32 and sorted(set(part_ids.ravel())) == list(range(1, 25))
+    tables = []
+    for folder in (ours, official):
+        with open(os.path.join(folder, "Pdist_matrix.pkl"), "rb") as f:
+            tables.append(pickle.load(f, encoding="latin1"))
+    assert sorted(tables[0]) == sorted(tables[1]) == ["Pdist_matrix"]
+    a, b = tables[0]["Pdist_matrix"], tables[1]["Pdist_matrix"]
+    assert a.dtype == b.dtype == np.float64 and a.shape == (n * (n - 1) // 2, 1) and b.ndim == 2
+    # and the official indexing works on it: Part_ID_subdiv indexes arrays as integers
+    surface = gps.load_official_surface(ours)
+    assert np.arange(25)[part_ids.squeeze()].tolist() == part_ids.ravel().tolist()
+    v = surface.vertices([2, 2], [0.0, 1.0], [0.0, 0.0])
+    assert surface.geodesics(v[:1], v[1:])[0] == pytest.approx(0.1)  # grid_surface: w 0.1
+
+
+# ---------------------------------------------------------------- the legacy s1x config
+# detectron2 v0.6 projects/DensePose/configs, as published (recalled; no network to re-check):
+# Base-DensePose-RCNN-FPN.yaml, densepose_rcnn_R_50_FPN_s1x_legacy.yaml on top of it, and the
+# DensePose head defaults it inherits. Keys it does not set are detectron2's defaults.
+LEGACY_S1X = {
+    # Base-DensePose-RCNN-FPN.yaml
+    "MODEL.META_ARCHITECTURE": "GeneralizedRCNN",
+    "MODEL.BACKBONE.NAME": "build_resnet_fpn_backbone",
+    "MODEL.RESNETS.OUT_FEATURES": ["res2", "res3", "res4", "res5"],
+    "MODEL.FPN.IN_FEATURES": ["res2", "res3", "res4", "res5"],
+    "MODEL.ANCHOR_GENERATOR.SIZES": [[32], [64], [128], [256], [512]],
+    "MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS": [[0.5, 1.0, 2.0]],
+    "MODEL.RPN.IN_FEATURES": ["p2", "p3", "p4", "p5", "p6"],
+    "MODEL.RPN.PRE_NMS_TOPK_TRAIN": 2000,
+    "MODEL.RPN.PRE_NMS_TOPK_TEST": 1000,
+    "MODEL.RPN.POST_NMS_TOPK_TRAIN": 1000,
+    "MODEL.RPN.POST_NMS_TOPK_TEST": 1000,
+    "MODEL.DENSEPOSE_ON": True,
+    "MODEL.ROI_HEADS.NAME": "DensePoseROIHeads",
+    "MODEL.ROI_HEADS.IN_FEATURES": ["p2", "p3", "p4", "p5"],
+    "MODEL.ROI_HEADS.NUM_CLASSES": 1,
+    "MODEL.ROI_BOX_HEAD.NAME": "FastRCNNConvFCHead",
+    "MODEL.ROI_BOX_HEAD.NUM_FC": 2,
+    "MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION": 7,
+    "MODEL.ROI_BOX_HEAD.POOLER_SAMPLING_RATIO": 2,
+    "MODEL.ROI_BOX_HEAD.POOLER_TYPE": "ROIAlign",
+    "MODEL.ROI_DENSEPOSE_HEAD.NAME": "DensePoseV1ConvXHead",
+    "MODEL.ROI_DENSEPOSE_HEAD.POOLER_TYPE": "ROIAlign",
+    "DATASETS.TRAIN": ["densepose_coco_2014_train", "densepose_coco_2014_valminusminival"],
+    "DATASETS.TEST": ["densepose_coco_2014_minival"],
+    "SOLVER.IMS_PER_BATCH": 16,
+    "SOLVER.WARMUP_FACTOR": 0.1,
+    "INPUT.MIN_SIZE_TRAIN": [640, 672, 704, 736, 768, 800],
+    # densepose_rcnn_R_50_FPN_s1x_legacy.yaml
+    "MODEL.WEIGHTS": "detectron2://ImageNetPretrained/MSRA/R-50.pkl",
+    "MODEL.RESNETS.DEPTH": 50,
+    "MODEL.ROI_DENSEPOSE_HEAD.NUM_COARSE_SEGM_CHANNELS": 15,
+    "MODEL.ROI_DENSEPOSE_HEAD.POOLER_RESOLUTION": 14,
+    "MODEL.ROI_DENSEPOSE_HEAD.HEATMAP_SIZE": 56,
+    "MODEL.ROI_DENSEPOSE_HEAD.INDEX_WEIGHTS": 2.0,
+    "MODEL.ROI_DENSEPOSE_HEAD.PART_WEIGHTS": 0.3,
+    "MODEL.ROI_DENSEPOSE_HEAD.POINT_REGRESSION_WEIGHTS": 0.1,
+    "MODEL.ROI_DENSEPOSE_HEAD.DECODER_ON": False,
+    "SOLVER.BASE_LR": 0.002,
+    "SOLVER.MAX_ITER": 130000,
+    "SOLVER.STEPS": [100000, 120000],
+    # DensePose head defaults it inherits
+    "MODEL.ROI_DENSEPOSE_HEAD.NUM_STACKED_CONVS": 8,
+    "MODEL.ROI_DENSEPOSE_HEAD.CONV_HEAD_DIM": 512,
+    "MODEL.ROI_DENSEPOSE_HEAD.CONV_HEAD_KERNEL": 3,
+    "MODEL.ROI_DENSEPOSE_HEAD.DECONV_KERNEL": 4,
+    "MODEL.ROI_DENSEPOSE_HEAD.UP_SCALE": 2,
+    "MODEL.ROI_DENSEPOSE_HEAD.NUM_PATCHES": 24,
+    "MODEL.ROI_DENSEPOSE_HEAD.POOLER_SAMPLING_RATIO": 2,
+    "MODEL.ROI_DENSEPOSE_HEAD.FG_IOU_THRESHOLD": 0.7,  # selection iou > threshold (strict)
+}
+# the only allowed differences: the MoCo protocol's (PROTOCOL.md section 3) ...
+PROTOCOL_DIFFERENCES = {
+    "MODEL.RESNETS.NORM": "naiveSyncBN", "MODEL.FPN.NORM": "naiveSyncBN",  # BN trained, synced
+    "MODEL.BACKBONE.FREEZE_AT": 0, "TEST.PRECISE_BN.ENABLED": True,
+    # normalisation follows the weights; no MODEL.WEIGHTS of its own (the run's weights)
+    "MODEL.PIXEL_MEAN": None, "MODEL.PIXEL_STD": None, "INPUT.FORMAT": None,
+    "MODEL.RESNETS.STRIDE_IN_1X1": None, "MODEL.WEIGHTS": None,
+}
+# ... and the run's own bookkeeping (not model settings)
+RUN_KEYS = ("OUTPUT_DIR", "SEED", "MODEL.DEVICE")
+
+
+def _plain(value):
+    return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+
+def test_densepose_config_equals_the_legacy_s1x_config_key_for_key():
+    from detectron2.config import get_cfg as d2_get_cfg
+
+    from transfer.config import config_keys
+
+    def at(cfg, key):
+        for part in key.split("."):
+            cfg = cfg[part]
+        return _plain(cfg)
+
+    defaults = d2_get_cfg()
+    for weights in ("random", "supervised"):
+        cfg = setup_cfg("coco_densepose_fpn_s1x", weights)
+        keys = set(config_keys(defaults)) | set(LEGACY_S1X)
+        compared = 0
+        for key in sorted(keys - set(RUN_KEYS)):
+            want = LEGACY_S1X[key] if key in LEGACY_S1X else at(defaults, key)
+            if key in PROTOCOL_DIFFERENCES:
+                if PROTOCOL_DIFFERENCES[key] is not None:
+                    assert at(cfg, key) == PROTOCOL_DIFFERENCES[key], key
+                continue
+            assert at(cfg, key) == want, (weights, key, at(cfg, key), want)
+            compared += 1
+        assert compared > 150  # every detectron2 key and every legacy key
+        head = {k for k in config_keys(cfg) if k.startswith("MODEL.ROI_DENSEPOSE_HEAD.")}
+        assert head == {k for k in LEGACY_S1X if k.startswith("MODEL.ROI_DENSEPOSE_HEAD.")}
+    assert "KAPPA" not in cfg.DENSEPOSE  # GPS normalises per body part, no constant to set
+    assert {"densepose/AP", "densepose/AP50", "densepose/AP75", "densepose_gpsm/AP"} <= set(
+        cfg.MOCO_TRANSFER.METRICS)
+
+
+def test_densepose_proposals_need_iou_strictly_above_the_threshold():
+    from detectron2.structures import Boxes, Instances
+
+    from transfer.densepose.head import densepose_proposals
+    from transfer.densepose.structures import DensePoseList
+
+    segm = np.zeros((256, 256), np.uint8)
+    dp = DensePoseData([1.0], [1.0], [1], [0.5], [0.5], segm)
+    p = Instances((100, 100))
+    # IoU with the person [0, 0, 10, 10]: 0.7 exactly, 0.71, 0.9, and 1 without DensePose data
+    p.proposal_boxes = Boxes(torch.tensor([[0, 0, 7, 10], [0, 0, 7.1, 10], [0, 0, 9, 10],
+                                           [0, 0, 10, 10.0]]))
+    p.gt_boxes = Boxes(torch.tensor([[0, 0, 10, 10.0]] * 4))
+    p.gt_classes = torch.zeros(4, dtype=torch.long)
+    p.gt_densepose = DensePoseList([dp, dp, dp, None])
+    empty = p[:0]
+    picked = densepose_proposals([p, empty], 1, 0.7)
+    assert len(picked) == 2 and len(picked[1]) == 0
+    assert picked[0].proposal_boxes.tensor[:, 2].tolist() == pytest.approx([7.1, 9.0])
 
 
 # ---------------------------------------------------------------- end to end
@@ -284,7 +539,8 @@ def test_densepose_smoke_training_lowers_loss_infers_and_evaluates(dp_root, tmp_
     with open(os.path.join(out, "results.json")) as f:
         res = json.load(f)
     assert res["state"] == "complete"
-    for key in ("densepose/AP", "densepose/AP50", "densepose/AP75", "bbox/AP", "segm/AP"):
+    for key in ("densepose/AP", "densepose/AP50", "densepose/AP75", "bbox/AP", "segm/AP",
+                "densepose_gpsm/AP"):
         assert key in res["metrics"]
     with open(os.path.join(out, "metrics.json")) as f:
         rows = [json.loads(line) for line in f if "total_loss" in line]
@@ -297,5 +553,15 @@ def test_densepose_smoke_training_lowers_loss_infers_and_evaluates(dp_root, tmp_
     assert dets
     for det in dets[:5]:
         iuv = decode_iuv(det["densepose"])
-        assert iuv.shape == (3, round(det["bbox"][3]), round(det["bbox"][2]))
+        assert iuv.shape == (3,) + iuv_size(det["bbox"])
         assert iuv[0].max() <= 24
+    # the reported AP is the evaluator's on the saved results
+    with open(os.path.join(dp_root, "coco", "annotations", "densepose_minival2014.json")) as f:
+        dataset = json.load(f)
+    surface, _ = resolve_geodesics(os.path.join(dp_root, "densepose"))
+    again = evaluate_densepose(dataset, dets, surface)
+    assert set(again) == {"bbox", "segm", "densepose", "densepose_gpsm"}
+    for group, values in again.items():
+        for name, value in values.items():
+            assert res["metrics"][f"{group}/{name}"] == pytest.approx(value, abs=1e-9,
+                                                                       nan_ok=True), name

@@ -87,8 +87,7 @@ def _densepose(name, cfg, out):
     from transfer.densepose.evaluation import DensePoseEvaluator
 
     return DensePoseEvaluator(name, output_dir=out,
-                              data_dir=densepose_data_dir(cfg.DENSEPOSE.DATA),
-                              kappa=cfg.DENSEPOSE.KAPPA)
+                              data_dir=densepose_data_dir(cfg.DENSEPOSE.DATA))
 
 
 class SyncedPreciseBN(hooks.PreciseBN):

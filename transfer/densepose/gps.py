@@ -1,78 +1,101 @@
-"""Geodesic point similarity (GPS) on a body surface.
+"""Geodesic point similarity (GPS) on a body surface, as the official DensePose-COCO evaluator
+computes it.
 
 A surface is a set of vertices, each with its chart (part id 1..24) and chart coordinates
 (U, V), and the geodesic distances between vertices. A point (i, u, v) lies at the vertex of
-chart i nearest to (u, v). For a detected person and the annotated points P of a person:
+chart i nearest to (u, v) (Euclidean in (U, V); the first vertex on a tie). For a detected
+person and the annotated points P of a person:
 
-    GPS = 1/|P| * sum_p exp(-g(p, p_hat)^2 / (2 kappa^2)),   kappa = 0.255
+    GPS = 1/|P| * sum_p exp(-g(p, p_hat)^2 / (2 kappa_p^2))
 
 where g is the geodesic distance between the annotated point's vertex and the vertex of the
-prediction there (a point predicted as background contributes 0).
+prediction there (a point predicted as background contributes 0), and kappa_p the constant of
+the annotated point's coarse body part (CHART_KAPPA: torso 0.351 ... hands 0.107).
 
 The SMPL surface of the published evaluation comes as three files (load_official_surface):
-    SMPL_subdiv.mat            Part_ID_subdiv, U_subdiv, V_subdiv: chart and U/V per vertex
-    SMPL_SUBDIV_TRANSFORM.mat  index: per vertex, its 1-based row in the distance table (0: none)
-    Pdist_matrix.pkl           {"Pdist_matrix": (n(n-1)/2, 1)} pairwise geodesics, n = 27554,
-                               in the evaluation's own pair order (official_pair_index)
+    SMPL_subdiv.mat            Part_ID_subdiv (int32 1xN), U_subdiv, V_subdiv (float 1xN)
+    SMPL_SUBDIV_TRANSFORM.mat  index (int32 Nx1): per vertex, its 1-based row in the table
+    Pdist_matrix.pkl           {"Pdist_matrix": float64 (n(n-1)/2, 1)}: geodesics between the
+                               n rows; rows a > b (0-based) at position a(a-1)/2 + b
 """
 import os
 import pickle
 
 import numpy as np
+from scipy.spatial.distance import cdist
 
 from transfer.densepose.structures import N_CHARTS
 
 OFFICIAL_FILES = ("SMPL_subdiv.mat", "SMPL_SUBDIV_TRANSFORM.mat", "Pdist_matrix.pkl")
-KAPPA = 0.255
+
+# kappa by coarse body part of the annotated chart (the official evaluator's constants)
+KAPPA_BY_PART = {(1, 2): 0.351,  # torso
+                 (3, 4): 0.107,  # hands
+                 (5, 6): 0.126,  # feet
+                 (7, 8, 9, 10): 0.237,  # upper legs
+                 (11, 12, 13, 14): 0.173,  # lower legs
+                 (15, 16, 17, 18): 0.142,  # upper arms
+                 (19, 20, 21, 22): 0.128,  # lower arms
+                 (23, 24): 0.150}  # head
+CHART_KAPPA = np.zeros(N_CHARTS + 1)
+for _charts, _kappa in KAPPA_BY_PART.items():
+    CHART_KAPPA[list(_charts)] = _kappa
 
 
-def official_pair_index(a, b, n):
-    """Row of the distance table for rows a != b (0-based, ints or arrays) of an n x n
-    table, in the pair order of the published evaluation."""
+def pair_position(a, b):
+    """Position in the distance table of the pair of rows a != b (0-based ints or arrays)."""
     a, b = np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64)
-    i, j = n - np.maximum(a, b) - 1, n - np.minimum(a, b) - 1
-    k = n * (n - 1) // 2 - (n - i) * (n - i - 1) // 2 + j - i - 1
-    return n * (n - 1) // 2 - k - 1
+    hi, lo = np.maximum(a, b), np.minimum(a, b)
+    return hi * (hi - 1) // 2 + lo
 
 
 class BodySurface:
-    """Vertices with chart id / U / V, and a geodesic distance function between vertices."""
+    """Vertices with chart id / U / V, each on a row of a table of geodesic distances."""
 
-    def __init__(self, part_ids, u, v, distance_fn):
+    def __init__(self, part_ids, u, v, rows, table):
         self.part_ids = np.asarray(part_ids, dtype=np.int64).ravel()
         self.uv = np.stack([np.asarray(u, float).ravel(), np.asarray(v, float).ravel()], 1)
-        self.distance_fn = distance_fn
+        self.rows = np.asarray(rows, dtype=np.int64).ravel()  # 0-based
+        self.table = np.asarray(table, dtype=np.float64).ravel()
         self._charts = {c: np.nonzero(self.part_ids == c)[0] for c in range(1, N_CHARTS + 1)}
 
     def vertices(self, i, u, v):
-        """Nearest vertex of chart i to (u, v), per point; -1 for background (i == 0)."""
-        i = np.asarray(i, dtype=np.int64).ravel()
+        """Nearest vertex of chart i to (u, v), per point (first on a tie); -1 where i is not
+        a chart of the surface (0 = background)."""
+        i = np.asarray(i).ravel().astype(np.int64)
         uv = np.stack([np.asarray(u, float).ravel(), np.asarray(v, float).ravel()], 1)
         out = np.full(len(i), -1, dtype=np.int64)
-        for c in np.unique(i[i > 0]):
+        for c in np.unique(i):
             verts = self._charts.get(int(c))
             if verts is None or len(verts) == 0:
                 continue
             sel = i == c
-            d2 = ((uv[sel][:, None, :] - self.uv[verts][None]) ** 2).sum(-1)
-            out[sel] = verts[d2.argmin(1)]
+            out[sel] = verts[cdist(self.uv[verts], uv[sel]).argmin(0)]
         return out
 
     def geodesics(self, va, vb):
-        """Distance between vertex arrays; inf where either is -1 (background)."""
-        va, vb = np.asarray(va), np.asarray(vb)
+        """Distance between vertex arrays; inf where either is -1."""
+        va, vb = np.asarray(va, dtype=np.int64), np.asarray(vb, dtype=np.int64)
         out = np.full(len(va), np.inf)
         ok = (va >= 0) & (vb >= 0)
-        if ok.any():
-            out[ok] = self.distance_fn(va[ok], vb[ok])
+        ra, rb = self.rows[va[ok]], self.rows[vb[ok]]
+        d = np.zeros(len(ra))
+        pair = ra != rb
+        d[pair] = self.table[pair_position(ra[pair], rb[pair])]
+        out[ok] = d
         return out
 
 
-def gps(surface, gt_iuv, pred_iuv, kappa=KAPPA):
-    """GPS of a prediction at the annotated points: gt_iuv, pred_iuv = (i, u, v) arrays."""
-    d = surface.geodesics(surface.vertices(*gt_iuv), surface.vertices(*pred_iuv))
-    if len(d) == 0:
+def gps(surface, gt_iuv, pred_iuv):
+    """GPS of a prediction at the annotated points: gt_iuv, pred_iuv = (i, u, v) arrays (the
+    prediction's chart 0 = background). Annotated points off the surface's charts do not
+    count; 0 when none counts."""
+    gt_v = surface.vertices(*gt_iuv)
+    on = gt_v >= 0
+    if not on.any():
         return 0.0
+    d = surface.geodesics(gt_v[on], surface.vertices(*pred_iuv)[on])
+    kappa = CHART_KAPPA[surface.part_ids[gt_v[on]]]
     return float(np.mean(np.exp(-(d ** 2) / (2 * kappa ** 2))))
 
 
@@ -86,45 +109,45 @@ def load_official_surface(folder):
             f"geodesic data for GPS not found: {', '.join(missing)} missing in {folder} "
             f"(expected the DensePose evaluation files {', '.join(OFFICIAL_FILES)})")
     subdiv = loadmat(os.path.join(folder, "SMPL_subdiv.mat"))
-    transform = loadmat(os.path.join(folder, "SMPL_SUBDIV_TRANSFORM.mat"))["index"]
-    transform = np.asarray(transform, dtype=np.int64).ravel()
+    index = np.asarray(loadmat(os.path.join(folder, "SMPL_SUBDIV_TRANSFORM.mat"))["index"])
     with open(os.path.join(folder, "Pdist_matrix.pkl"), "rb") as f:
         table = np.asarray(pickle.load(f, encoding="latin1")["Pdist_matrix"]).ravel()
     n = int(round((1 + np.sqrt(1 + 8 * len(table))) / 2))
     if n * (n - 1) // 2 != len(table):
         raise ValueError(f"Pdist_matrix.pkl in {folder} holds {len(table)} distances, not "
                          f"n(n-1)/2 for any n")
-
-    def distance(va, vb):
-        ra, rb = transform[va] - 1, transform[vb] - 1
-        out = np.full(len(ra), np.inf)
-        ok = (ra >= 0) & (rb >= 0)
-        same = ok & (ra == rb)
-        out[same] = 0.0
-        pair = ok & (ra != rb)
-        out[pair] = table[official_pair_index(ra[pair], rb[pair], n)]
-        return out
-
+    index = index.ravel().astype(np.int64)
+    if index.size != subdiv["Part_ID_subdiv"].size or index.min() < 1 or index.max() > n:
+        raise ValueError(
+            f"SMPL_SUBDIV_TRANSFORM.mat in {folder}: 'index' must give every one of the "
+            f"{subdiv['Part_ID_subdiv'].size} vertices a row 1..{n} of Pdist_matrix.pkl")
     return BodySurface(subdiv["Part_ID_subdiv"], subdiv["U_subdiv"], subdiv["V_subdiv"],
-                       distance)
+                       index - 1, table)
 
 
 def write_official_surface(folder, part_ids, u, v, positions):
     """Write a surface whose geodesics are the Euclidean distances between `positions` (a
-    flat or convex mesh: exact) in the official three-file format. For tests and fixtures."""
+    flat or convex mesh: exact) in the official three-file layout and dtypes, one table row
+    per vertex. For tests and fixtures."""
     from scipy.io import savemat
 
     os.makedirs(folder, exist_ok=True)
     n = len(part_ids)
-    pos = np.asarray(positions, dtype=float)
-    table = np.zeros((n * (n - 1) // 2, 1))
-    a, b = np.triu_indices(n, 1)
-    table[official_pair_index(a, b, n), 0] = np.linalg.norm(pos[a] - pos[b], axis=1)
-    savemat(os.path.join(folder, "SMPL_subdiv.mat"),
-            {"Part_ID_subdiv": np.asarray(part_ids, float)[None],
-             "U_subdiv": np.asarray(u, float)[None], "V_subdiv": np.asarray(v, float)[None]})
-    savemat(os.path.join(folder, "SMPL_SUBDIV_TRANSFORM.mat"),
-            {"index": np.arange(1, n + 1, dtype=float)[:, None]})
+    pos = np.asarray(positions, dtype=np.float64)
+    table = np.zeros((n * (n - 1) // 2, 1), dtype=np.float64)
+    a, b = np.tril_indices(n, -1)  # a > b
+    table[pair_position(a, b), 0] = np.linalg.norm(pos[a] - pos[b], axis=1)
+    files = {
+        "SMPL_subdiv.mat": {"Part_ID_subdiv": np.asarray(part_ids, np.int32)[None],
+                            "U_subdiv": np.asarray(u, np.float64)[None],
+                            "V_subdiv": np.asarray(v, np.float64)[None]},
+        "SMPL_SUBDIV_TRANSFORM.mat": {"index": np.arange(1, n + 1, dtype=np.int32)[:, None]},
+    }
+    for name, arrays in files.items():
+        tmp = os.path.join(folder, name + ".tmp")
+        with open(tmp, "wb") as f:
+            savemat(f, arrays)
+        os.replace(tmp, os.path.join(folder, name))
     tmp = os.path.join(folder, "Pdist_matrix.pkl.tmp")
     with open(tmp, "wb") as f:
         pickle.dump({"Pdist_matrix": table}, f)

@@ -3,7 +3,7 @@
 Head: NUM_STACKED_CONVS 3x3 convs (512 channels, ReLU) on 14x14 ROI features. Predictor: one
 4x4 stride-2 deconvolution per output (coarse segmentation 15 = background + 14 parts, fine
 segmentation 25 = background + 24 charts, U and V per chart), then bilinear x2 -> 56x56.
-Losses, for proposals with IoU >= 0.7 to an annotated person:
+Losses, for proposals with IoU > 0.7 to an annotated person:
     S  cross-entropy of the coarse segmentation against the part masks, resampled to the
        proposal's 56x56 grid                                     x INDEX_WEIGHTS (2.0)
     I  cross-entropy of the fine segmentation at the annotated points   x PART_WEIGHTS (0.3)
@@ -171,6 +171,21 @@ def densepose_losses(out, proposal_boxes, gt_boxes, gt_densepose, w_index, w_par
 
 
 # ---------------------------------------------------------------- ROI heads
+def densepose_proposals(proposals, num_classes, fg_iou):
+    """Per image (one possibly empty Instances each), the foreground proposals that the
+    DensePose head trains on: matched to an annotated person with IoU strictly above fg_iou."""
+    fg, _ = select_foreground_proposals(proposals, num_classes)
+    picked = []
+    for p in fg:
+        if len(p) and p.has("gt_densepose"):
+            iou = matched_pairwise_iou(p.proposal_boxes, p.gt_boxes)
+            p = p[p.gt_densepose.has_data().to(iou.device) & (iou > fg_iou)]
+        else:
+            p = p[:0]
+        picked.append(p)
+    return picked
+
+
 @ROI_HEADS_REGISTRY.register()
 class DensePoseROIHeads(StandardROIHeads):
     """StandardROIHeads (boxes; masks/keypoints if enabled) plus the DensePose branch."""
@@ -194,6 +209,10 @@ class DensePoseROIHeads(StandardROIHeads):
         if not cfg.MODEL.DENSEPOSE_ON:
             return ret
         h = cfg.MODEL.ROI_DENSEPOSE_HEAD
+        if h.DECODER_ON:
+            raise ValueError("MODEL.ROI_DENSEPOSE_HEAD.DECODER_ON: the DensePose decoder of "
+                             "later configs is not implemented; the legacy s1x head has none "
+                             "(set it to False)")
         in_features = cfg.MODEL.ROI_HEADS.IN_FEATURES
         channels = {input_shape[f].channels for f in in_features}
         assert len(channels) == 1, channels
@@ -223,16 +242,7 @@ class DensePoseROIHeads(StandardROIHeads):
         feats = [features[f] for f in self.densepose_in_features]
         if self.training:
             # one (possibly empty) box list per image: the pooler pairs them with the batch
-            fg, _ = select_foreground_proposals(instances, self.num_classes)
-            picked = []
-            for p in fg:
-                if len(p) and p.has("gt_densepose"):
-                    iou = matched_pairwise_iou(p.proposal_boxes, p.gt_boxes)
-                    p = p[p.gt_densepose.has_data().to(iou.device)
-                          & (iou >= self.densepose_fg_iou)]
-                else:
-                    p = p[:0]
-                picked.append(p)
+            picked = densepose_proposals(instances, self.num_classes, self.densepose_fg_iou)
             boxes = [p.proposal_boxes for p in picked]
             out = self.densepose_head(self.densepose_pooler(feats, boxes))
             if len(out) == 0:  # no annotated person matched: zero losses reaching the head
