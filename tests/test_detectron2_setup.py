@@ -100,6 +100,14 @@ def test_meta_architecture_trains_on_cpu_with_naive_sync_bn(arch):
     cfg.INPUT.MIN_SIZE_TRAIN = (128,)
     torch.manual_seed(0)
     model = build_model(cfg)
+    # everything trains: no frozen stage, every norm a synchronised BN (no FrozenBatchNorm2d)
+    from detectron2.layers import FrozenBatchNorm2d
+    from detectron2.layers.batch_norm import NaiveSyncBatchNorm
+
+    assert [n for n, p in model.named_parameters() if not p.requires_grad] == []
+    assert not any(isinstance(m, FrozenBatchNorm2d) for m in model.modules())
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert len(norms) >= 53 and all(type(m) is NaiveSyncBatchNorm for m in norms)
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     batch = _fixed_batch(keypoints)
