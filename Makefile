@@ -29,7 +29,7 @@ SEEDS ?= 1
 RUNS  ?= runs
 OUT   ?= results/out
 
-.PHONY: help setup doctor test bench pretrain lincls supervised convert transfer densepose-fixture tasks suite results demo clean
+.PHONY: help setup doctor test bench bench-tasks pretrain lincls supervised convert transfer densepose-fixture tasks suite results demo clean
 
 # List the targets and the transfer tasks.
 help: $(STAMP)
@@ -56,6 +56,10 @@ test: $(STAMP)
 # Benchmarks (pretraining throughput, harness overhead, converter, results) -> BENCHMARKS.md.
 bench: $(STAMP)
 	$(PYTHON) -m pretrain.bench --out BENCHMARKS.md $(ARGS)
+
+# Cost of one full-size training iteration of every task (TASKS=... for some) -> BENCHMARKS.md.
+bench-tasks: $(STAMP)
+	$(PYTHON) -m tools.bench_tasks --out BENCHMARKS.md $(TASKS)
 
 # MoCo pretraining (DATA=folder; without DATA: the embedded synthetic data, small schedule).
 pretrain: $(STAMP)

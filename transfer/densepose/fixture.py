@@ -110,14 +110,14 @@ def _rle(mask):
     return rle
 
 
-def write_split(root, split, seed=0):
+def write_split(root, split, seed=0, image_size=IMAGE_SIZE):
     folder, n_images, first_id = SPLITS[split]
     rng = np.random.default_rng(seed + first_id)
     labels = figure_labels()
     dp = dict(figure_points(), dp_masks=encode_part_masks(labels))
     img_dir = os.path.join(root, "coco", folder)
     os.makedirs(img_dir, exist_ok=True)
-    W, H = IMAGE_SIZE
+    W, H = image_size
     images, annotations = [], []
     for k in range(n_images):
         image_id = first_id + k + 1
@@ -164,9 +164,9 @@ def write_uv_symmetries(path):
     savemat(path, {"U_transforms": cells_u, "V_transforms": cells_v})
 
 
-def write_fixture(root, seed=0, surface_steps=5):
+def write_fixture(root, seed=0, surface_steps=5, image_size=IMAGE_SIZE):
     for split in SPLITS:
-        write_split(root, split, seed)
+        write_split(root, split, seed, image_size)
     data = os.path.join(root, "densepose")
     os.makedirs(data, exist_ok=True)
     write_uv_symmetries(os.path.join(data, "UV_symmetry_transforms.mat"))

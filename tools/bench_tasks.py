@@ -1,0 +1,87 @@
+"""`make bench-tasks`: the cost of one full-size training iteration of every transfer task.
+
+For each task (or those named): the task resolved at full scale, one image per batch, two
+training iterations at the protocol's largest training size on the full-protocol tier's data
+(tests/protocol_data.py: real samples, generated fixtures at real image sizes), then one
+evaluation at the test size. Reported per task: the train and test input sizes the model saw,
+CPU seconds (all threads of the process) and wall seconds of the second iteration (forward,
+backward, optimizer step; the first carries one-off allocations), and the peak resident memory
+up to that point and over the whole run (with evaluation). Appended to BENCHMARKS.md under the
+machine's heading.
+
+    python -m tools.bench_tasks [--out BENCHMARKS.md] [TASK ...]
+"""
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+from pretrain.bench import machine
+from tests.conftest import SHARED_DATA
+from tests.protocol_data import write_protocol_datasets
+from tests.test_full_protocol import tier_overrides
+from transfer.tasks import known_tasks
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def measure(task, data_root, work):
+    record = os.path.join(work, f"{task}.json")
+    overrides = tier_overrides(task)
+    overrides[overrides.index("SOLVER.MAX_ITER") + 1] = "2"
+    cmd = [sys.executable, "-m", "transfer.protocol_probe", "--record", record, "--",
+           "--task", task, "--weights", "random", "--runs", os.path.join(work, "runs"),
+           *overrides]
+    with open(os.path.join(work, f"{task}.log"), "w") as log:
+        subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, DETECTRON2_DATASETS=data_root),
+                       stdout=log, stderr=subprocess.STDOUT, check=True)
+    with open(record) as f:
+        rec = json.load(f)
+    sizes = {mode: sorted({"x".join(map(str, im["size"])) for fwd in rec["forwards"]
+                           if fwd["mode"] == mode for im in fwd["images"]})
+             for mode in ("train", "test")}
+    step = rec["train_steps"][-1]
+    return {"task": task, "train": ", ".join(sizes["train"]), "test": ", ".join(sizes["test"]),
+            "cpu_s": step["cpu_s"], "wall_s": step["wall_s"], "rss_train": step["peak_rss_mb"],
+            "rss_all": rec["peak_rss_mb"]}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="BENCHMARKS.md")
+    p.add_argument("tasks", nargs="*", help="default: every task")
+    args = p.parse_args(argv)
+    tasks = args.tasks or known_tasks()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-tasks-") as work:
+        data_root = write_protocol_datasets(SHARED_DATA, os.path.join(work, "data"))
+        for task in tasks:
+            rows.append(measure(task, data_root, work))
+            r = rows[-1]
+            print(f"{task}: {r['cpu_s']:.1f} CPU s, {r['wall_s']:.1f} s, "
+                  f"{r['rss_train']:.0f} MB", flush=True)
+    lines = [f"\n## {machine()}\n",
+             f"Measured {datetime.datetime.now():%Y-%m-%d %H:%M} with "
+             f"`python -m tools.bench_tasks {' '.join(args.tasks)}`.\n",
+             "### One full-size training iteration per task (batch 1, CPU)\n",
+             f"torch threads: {torch.get_num_threads()}. Sizes are (h x w) as the model saw them "
+             "(training: the largest of the protocol's sizes). CPU s counts every thread of the "
+             "process (second iteration: forward, backward, optimizer step); peak RSS is the "
+             "process's maximum resident memory up to that iteration, and over the whole run "
+             "including the evaluation at the test size.\n",
+             "| task | train size | test size | CPU s / iter | wall s / iter | peak RSS train (MB) "
+             "| peak RSS with eval (MB) |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| `{r['task']}` | {r['train']} | {r['test']} | {r['cpu_s']:.1f} | "
+              f"{r['wall_s']:.1f} | {r['rss_train']:.0f} | {r['rss_all']:.0f} |" for r in rows]
+    with open(args.out, "a") as f:
+        f.write("\n".join(lines) + "\n")
+    print(f"appended to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
