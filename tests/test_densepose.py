@@ -475,10 +475,17 @@ def _plain(value):
     return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
 
 
+def config_keys(cfg, prefix=""):
+    """Every leaf key of a config, dotted."""
+    for k, v in cfg.items():
+        if isinstance(v, dict):
+            yield from config_keys(v, f"{prefix}{k}.")
+        else:
+            yield prefix + k
+
+
 def test_densepose_config_equals_the_legacy_s1x_config_key_for_key():
     from detectron2.config import get_cfg as d2_get_cfg
-
-    from transfer.config import config_keys
 
     def at(cfg, key):
         for part in key.split("."):
