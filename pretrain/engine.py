@@ -3,6 +3,7 @@ import datetime
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -100,9 +101,53 @@ def save_atomic(obj, path):
         raise
 
 
+def write_text_atomic(text, path):
+    """Write a small text file through a temporary file and a rename."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
 def latest_checkpoint(output_dir):
     path = os.path.join(output_dir, "checkpoint_last.pth.tar")
     return path if os.path.isfile(path) else None
+
+
+def load_latest_readable(output_dir):
+    """(path, checkpoint) of the newest checkpoint of a run folder that loads, or (None, None).
+
+    checkpoint_last.pth.tar first, then the epoch checkpoints checkpoint_XXXX.pth.tar, newest
+    first. Writes are atomic, so an unreadable file means damage after the write (a copy cut
+    short, a full disk, a bad sector): it is skipped with one log line."""
+    names = ["checkpoint_last.pth.tar"] + sorted(
+        (f for f in (os.listdir(output_dir) if os.path.isdir(output_dir) else [])
+         if re.fullmatch(r"checkpoint_\d+\.pth\.tar", f)), reverse=True)
+    skipped = []
+    for name in names:
+        path = os.path.join(output_dir, name)
+        if not os.path.isfile(path):
+            continue
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:  # any way a file fails to load: skip it, say why
+            reason = str(e).splitlines()[0] if str(e) else ""
+            skipped.append(f"{name} ({type(e).__name__}: {reason})")
+            continue
+        if skipped:
+            logger.warning("unreadable checkpoint(s) %s; resuming from %s instead",
+                           "; ".join(skipped), name)
+        return path, ckpt
+    if skipped:
+        logger.warning("no readable checkpoint in %s (%s); starting from scratch", output_dir,
+                       "; ".join(skipped))
+    return None, None
 
 
 def rng_state():

@@ -170,9 +170,12 @@ def main(args):
         total_iters = min(total_iters, args.max_iters)
 
     start_iter = 0
-    resume = args.resume or engine.latest_checkpoint(args.output)
+    if args.resume:  # named explicitly: it must load
+        resume, ckpt = args.resume, torch.load(args.resume, map_location="cpu",
+                                               weights_only=False)
+    else:
+        resume, ckpt = engine.load_latest_readable(args.output)
     if resume:
-        ckpt = torch.load(resume, map_location="cpu", weights_only=False)
         load_state(model, ckpt["state_dict"])
         optimizer.load_state_dict(ckpt["optimizer"])
         if scaler is not None and ckpt.get("scaler"):

@@ -4,9 +4,12 @@
         --seeds 5 [--scale smoke] [--dry-run] [--slurm --partition P --gpus-per-node 8 ...]
 
 Complete runs are skipped; interrupted or failed ones are started again and resume from their
-last checkpoint (train_net resumes by itself); the rest start fresh. Locally the runs go one
-after another; with --slurm each run is one submitit job (or one job array with --array), and
-a job that SLURM preempts is requeued and resumes.
+last readable checkpoint (train_net resumes by itself, exactly: see the README's "Resume and
+preemption"); the rest start fresh. A run killed during its final evaluation is evaluated
+again from model_final.pth without training. So a suite killed at any moment and started again
+runs only what is missing or incomplete. Locally the runs go one after another; with --slurm
+each run is one submitit job (or one job array with --array), and a job that SLURM preempts is
+requeued and resumes (--cluster local: submitit's local executor, same requeue logic).
 """
 import argparse
 import os
@@ -28,10 +31,12 @@ class PlannedRun:
     action: str  # skip | resume | start
     why: str
 
-    def command(self, runs_root, num_gpus=1, extra=()):
+    def command(self, runs_root, num_gpus=1, extra=(), dist_url=None):
+        """train_net's command line; the KEY VALUE overrides `extra` come last."""
         return [sys.executable, "-m", "transfer.train_net", "--task", self.task, "--weights",
                 self.weights_spec, "--seed", str(self.seed), "--scale", self.scale,
-                "--runs", runs_root, "--num-gpus", str(num_gpus), *extra]
+                "--runs", runs_root, "--num-gpus", str(num_gpus),
+                *(["--dist-url", dist_url] if dist_url else []), *extra]
 
 
 def plan(tasks, weights, seeds, scale, runs_root):
@@ -76,33 +81,42 @@ def run_local(planned, runs_root, num_gpus=1, extra=()):
 
 
 class _SlurmRun:
-    """A submitit callable: runs one transfer run; on preemption it is requeued and resumes."""
+    """A submitit callable: runs one transfer run; on preemption it is requeued and resumes.
 
-    def __init__(self, cmd):
-        self.cmd = cmd
+    When the scheduler signals a preemption, submitit calls ``checkpoint`` and exits; the
+    exit interrupts ``subprocess.run``, which kills the training process. Nothing is saved
+    then: the requeued job resumes from the run's last checkpoint, exactly."""
+
+    def __init__(self, planned, runs_root, num_gpus, extra):
+        self.planned, self.runs_root, self.num_gpus, self.extra = planned, runs_root, \
+            num_gpus, list(extra)
 
     def __call__(self):
         import submitit
 
         env = submitit.JobEnvironment()
-        subprocess.run(self.cmd + ["--dist-url", f"tcp://{env.hostnames[0]}:29500"], check=True)
+        cmd = self.planned.command(self.runs_root, self.num_gpus, self.extra,
+                                   dist_url=f"tcp://{env.hostnames[0]}:29500")
+        subprocess.run(cmd, check=True)
+        return self.planned.run_dir
 
     def checkpoint(self):
         import submitit
 
-        return submitit.helpers.DelayedSubmission(_SlurmRun(self.cmd))  # resumes from its dir
+        return submitit.helpers.DelayedSubmission(self)  # resumes from its run directory
 
 
 def submit_slurm(planned, runs_root, args):
     import submitit
 
-    executor = submitit.AutoExecutor(folder=os.path.join(runs_root, "slurm", "%j"))
+    executor = submitit.AutoExecutor(folder=os.path.join(runs_root, "slurm", "%j"),
+                                     cluster=args.cluster)
     executor.update_parameters(
         nodes=1, gpus_per_node=args.gpus_per_node, tasks_per_node=1,
         cpus_per_task=args.cpus_per_task, timeout_min=args.timeout_min,
         slurm_partition=args.partition, name="moco-transfer")
     todo = [p for p in planned if p.action != "skip"]
-    calls = [_SlurmRun(p.command(runs_root, args.gpus_per_node, args.opts)) for p in todo]
+    calls = [_SlurmRun(p, runs_root, args.gpus_per_node, args.opts) for p in todo]
     if args.array:
         with executor.batch():
             jobs = [executor.submit(c) for c in calls]
@@ -113,7 +127,7 @@ def submit_slurm(planned, runs_root, args):
     return jobs
 
 
-def main(argv=None):
+def get_parser():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tasks", required=True, help="space-separated task names")
     ap.add_argument("--weights", default="random",
@@ -125,12 +139,19 @@ def main(argv=None):
     ap.add_argument("--dry-run", action="store_true", help="list the plan, run nothing")
     ap.add_argument("--slurm", action="store_true", help="submit through submitit")
     ap.add_argument("--array", action="store_true", help="with --slurm: one job array")
+    ap.add_argument("--cluster", default=None, choices=[None, "slurm", "local"],
+                    help="with --slurm: submitit's executor (default: SLURM when available; "
+                         "local: jobs on this machine, with the same preemption requeue)")
     ap.add_argument("--partition", default=None)
     ap.add_argument("--gpus-per-node", type=int, default=8)
     ap.add_argument("--cpus-per-task", type=int, default=80)
     ap.add_argument("--timeout-min", type=int, default=4320)
     ap.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides for every run")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None):
+    args = get_parser().parse_args(argv)
     seeds = ([int(s) for s in args.seeds.split(",")] if "," in args.seeds
              else list(range(int(args.seeds))))
     planned = plan(args.tasks.split(), args.weights.split(), seeds, args.scale, args.runs)

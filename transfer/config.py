@@ -3,6 +3,7 @@
 Every entry point (training, evaluation, inference with a saved config) loads configs through
 ``get_cfg``/``load_config`` here, which adds this project's keys and registers its modules.
 """
+import difflib
 import os
 import pickle
 
@@ -15,6 +16,7 @@ ensure_detectron2()
 from detectron2.config import CfgNode as CN  # noqa: E402
 from detectron2.config import get_cfg as d2_get_cfg  # noqa: E402
 
+from transfer.errors import ConfigError, WeightsError  # noqa: E402
 import transfer.modeling  # noqa: E402,F401  (registers Res5ROIHeadsExtraNorm, DC5 backbone)
 import transfer.semseg  # noqa: E402,F401  (registers FCNHead)
 import transfer.densepose.head  # noqa: E402,F401  (registers DensePoseROIHeads)
@@ -66,7 +68,7 @@ def task_config_path(task):
 
     path = os.path.join(CONFIG_DIR, task + ".yaml")
     if not os.path.isfile(path):
-        raise KeyError(f"unknown task '{task}'. Known tasks: {', '.join(known_tasks())}")
+        raise ConfigError(f"unknown task '{task}'. Known tasks: {', '.join(known_tasks())}")
     return path
 
 
@@ -88,9 +90,9 @@ def parse_weights(spec):
 def read_converted_metadata(path):
     """Normalisation/config overrides carried by a converted .pkl (convert/to_detectron2.py)."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"weights file '{path}' not found")
+        raise WeightsError(f"weights file '{path}' not found")
     if not path.endswith(".pkl"):
-        raise ValueError(
+        raise WeightsError(
             f"weights '{path}' are not in detectron2's format; convert them first:\n"
             f"  python convert/to_detectron2.py {path}")
     with open(path, "rb") as f:
@@ -101,7 +103,7 @@ def read_converted_metadata(path):
     author = str(data.get("__author__", "")) if isinstance(data, dict) else ""
     if author.upper() in ("MOCO", "TORCHVISION"):  # the reference converters' outputs
         return dict(RGB_TORCHVISION), {"format": author}
-    raise ValueError(
+    raise WeightsError(
         f"weights '{path}' carry no normalisation metadata; re-convert them with "
         f"convert/to_detectron2.py (use --input-format rgb|bgr for a detectron2 .pkl)")
 
@@ -171,11 +173,15 @@ def setup_cfg(task, weights="random", seed=0, scale="full", overrides=(), output
     cfg.merge_from_list([x for kv in wcfg.items() for x in kv])
     cfg.MOCO_TRANSFER.WEIGHTS = name
     if scale not in SCALES:
-        raise KeyError(f"unknown scale '{scale}'; known: {', '.join(SCALES)}")
+        raise ConfigError(f"unknown scale '{scale}'; known: {', '.join(SCALES)}")
     overrides = list(overrides)
     if scale != "full" and "SOLVER.MAX_ITER" in overrides[::2]:
         # a scaled schedule of the requested length (steps and warmup follow it)
-        SCALES[scale](cfg, int(overrides[overrides[::2].index("SOLVER.MAX_ITER") * 2 + 1]))
+        value = overrides[overrides[::2].index("SOLVER.MAX_ITER") * 2 + 1:][:1]
+        if not value or not str(value[0]).isdigit():
+            raise ConfigError(f"override SOLVER.MAX_ITER {' '.join(map(str, value))}: expected a "
+                              "number of iterations")
+        SCALES[scale](cfg, int(value[0]))
     else:
         SCALES[scale](cfg)
     cfg.MOCO_TRANSFER.SCALE = scale
@@ -184,9 +190,36 @@ def setup_cfg(task, weights="random", seed=0, scale="full", overrides=(), output
     if not torch.cuda.is_available():
         cfg.MODEL.DEVICE = "cpu"
     cfg.OUTPUT_DIR = output or run_dir(runs_root, task, name, seed, scale)
-    cfg.merge_from_list(list(overrides))
+    apply_overrides(cfg, overrides)
     cfg.freeze()
     return cfg
+
+
+def config_keys(cfg, prefix=""):
+    """Every leaf key of a config, dotted (MODEL.RPN.NMS_THRESH, ...)."""
+    for k, v in cfg.items():
+        if isinstance(v, CN):
+            yield from config_keys(v, f"{prefix}{k}.")
+        else:
+            yield prefix + k
+
+
+def apply_overrides(cfg, overrides):
+    """Merge KEY VALUE overrides; an unknown key is named with its nearest valid keys."""
+    if len(overrides) % 2:
+        raise ConfigError(f"config overrides come in KEY VALUE pairs; '{overrides[-1]}' has "
+                          "no value")
+    known = set(config_keys(cfg))
+    for key, value in zip(overrides[::2], overrides[1::2]):
+        if key not in known:
+            near = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+            hint = f"did you mean {', '.join(near)}?" if near else \
+                "--dry-run prints every key"
+            raise ConfigError(f"unknown config key '{key}' in the overrides; {hint}")
+        try:
+            cfg.merge_from_list([key, value])
+        except ValueError as e:  # yacs: the value's type differs from the default's
+            raise ConfigError(f"override {key} {value}: {e}") from e
 
 
 def run_dir(runs_root, task, weights_name, seed, scale="full"):

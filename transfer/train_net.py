@@ -15,6 +15,7 @@ import logging
 import os
 import time
 import traceback
+import weakref
 
 import torch
 
@@ -24,15 +25,19 @@ ensure_detectron2()
 
 import detectron2.utils.comm as comm  # noqa: E402
 from detectron2.engine import DefaultTrainer, default_setup, hooks, launch  # noqa: E402
+from detectron2.utils.logger import setup_logger  # noqa: E402
 from detectron2.evaluation import (  # noqa: E402
     CityscapesInstanceEvaluator, CityscapesSemSegEvaluator, COCOEvaluator, DatasetEvaluators,
     LVISEvaluator, PascalVOCDetectionEvaluator, SemSegEvaluator)
-from detectron2.data import MetadataCatalog  # noqa: E402
+from detectron2.data import DatasetMapper, MetadataCatalog  # noqa: E402
 from fvcore.nn.precise_bn import get_bn_modules  # noqa: E402
 
-from transfer import datasets  # noqa: E402
+from pretrain.engine import write_text_atomic  # noqa: E402
+from transfer import datasets, sampling  # noqa: E402
+from transfer.checkpoint import AtomicCheckpointer  # noqa: E402
 from transfer.config import setup_cfg  # noqa: E402
 from transfer.fast_eval import FasterLVISEvaluator  # noqa: E402
+from transfer.errors import UserError  # noqa: E402
 from transfer.weights import load_pretrained  # noqa: E402
 
 logger = logging.getLogger("transfer")
@@ -92,9 +97,13 @@ def _densepose(name, cfg, out):
 
 class SyncedPreciseBN(hooks.PreciseBN):
     """PreciseBN whose recomputed statistics are averaged over all processes (detectron2's
-    hook recomputes them per process, and only rank 0's are saved and evaluated)."""
+    hook recomputes them per process, and only rank 0's are saved and evaluated), on batches
+    fixed by the iteration it runs after (its own stream of the deterministic loader), so a
+    resumed run recomputes the same statistics."""
 
     def update_stats(self):
+        self._data_loader.start_iter = self.trainer.iter
+        self._data_iter = iter(self._data_loader)
         super().update_stats()
         if comm.get_world_size() == 1:
             return
@@ -115,18 +124,22 @@ class Trainer(DefaultTrainer):
         return DatasetEvaluators([EVALUATORS[et](dataset_name, cfg, out)])
 
     @classmethod
-    def build_train_loader(cls, cfg):
+    def train_mapper(cls, cfg):
         if cfg.MODEL.META_ARCHITECTURE == "SemanticSegmentor":
-            from detectron2.data import build_detection_train_loader
             from transfer.semseg import SemSegCropMapper
 
-            return build_detection_train_loader(cfg, mapper=SemSegCropMapper(cfg, True))
+            return SemSegCropMapper(cfg, True)
         if cfg.MODEL.DENSEPOSE_ON:
-            from detectron2.data import build_detection_train_loader
             from transfer.densepose.data import DensePoseDatasetMapper
 
-            return build_detection_train_loader(cfg, mapper=DensePoseDatasetMapper(cfg, True))
-        return super().build_train_loader(cfg)
+            return DensePoseDatasetMapper(cfg, True)
+        return DatasetMapper(cfg, True)
+
+    @classmethod
+    def build_train_loader(cls, cfg, stream=sampling.TRAIN, num_workers=None):
+        """The task's mapper under a loader whose batches and augmentations are a function
+        of (seed, iteration, sample) (transfer/sampling.py): resumable exactly."""
+        return sampling.build_train_loader(cfg, cls.train_mapper(cfg), stream, num_workers)
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
@@ -139,23 +152,73 @@ class Trainer(DefaultTrainer):
         return super().build_test_loader(cfg, dataset_name)
 
     def build_hooks(self):
-        hook_list = super().build_hooks()
+        # DefaultTrainer builds its checkpointer just before the hooks; the periodic
+        # checkpointer hook must get the atomic one
+        self.checkpointer = AtomicCheckpointer(self.model, self.cfg.OUTPUT_DIR,
+                                               trainer=weakref.proxy(self))
+        hook_list = [sampling.SeedEachIteration(self.cfg.SEED)] + super().build_hooks()
         for i, h in enumerate(hook_list):
             if type(h) is hooks.PeriodicWriter and self.cfg.MOCO_TRANSFER.SCALE != "full":
                 hook_list[i] = hooks.PeriodicWriter(self.build_writers(), period=1)  # short runs
-            if type(h) is hooks.PreciseBN:  # same period/model/loader, synced statistics
+            if type(h) is hooks.PreciseBN:  # same period/model, synced statistics
                 hook_list[i] = SyncedPreciseBN(
                     self.cfg.TEST.EVAL_PERIOD, self.model,
-                    self.build_train_loader(self.cfg), self.cfg.TEST.PRECISE_BN.NUM_ITER)
+                    self.build_train_loader(self.cfg, sampling.PRECISE_BN, num_workers=0),
+                    self.cfg.TEST.PRECISE_BN.NUM_ITER)
         return hook_list
 
+    def state_dict(self):
+        """detectron2 v0.6 checkpoints the iteration and the scheduler only: add the optimizer
+        (momentum buffers, current lr) and AMP's grad scaler, as later detectron2 does."""
+        ret = super().state_dict()
+        ret["_trainer"] = self._trainer.state_dict()
+        return ret
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        if "_trainer" in state_dict:
+            self._trainer.load_state_dict(state_dict["_trainer"])
+        else:
+            logger.warning("this checkpoint has no optimizer state (written before it was "
+                           "saved): the momentum restarts from zero")
+
     def resume_or_load(self, resume=True):
-        if resume and self.checkpointer.has_checkpoint():
-            return super().resume_or_load(resume=True)
-        if self.cfg.MODEL.WEIGHTS:
-            model = self.model.module if hasattr(self.model, "module") else self.model
-            load_pretrained(model, self.cfg.MODEL.WEIGHTS)
-        self.start_iter = 0
+        """Resume from the newest readable checkpoint of the run (model, optimizer, scheduler,
+        iteration; the data and random draws follow from the iteration), else load the
+        pretrained weights and start at iteration 0."""
+        path = self.checkpointer.readable_checkpoint() if resume else None
+        if path:
+            self.checkpointer.load(path)
+            self.start_iter = self.iter + 1
+        else:
+            if self.cfg.MODEL.WEIGHTS:
+                model = self.model.module if hasattr(self.model, "module") else self.model
+                load_pretrained(model, self.cfg.MODEL.WEIGHTS)
+            self.start_iter = 0
+        self._trainer.data_loader.start_iter = self.start_iter
+        if comm.is_main_process():
+            trim_metrics(os.path.join(self.cfg.OUTPUT_DIR, "metrics.json"), self.start_iter)
+
+
+def trim_metrics(path, start_iter):
+    """Drop the records of iterations a resumed run trains again (and a line cut by a kill).
+
+    Rewritten in place: detectron2's JSONWriter already holds the file open for appending."""
+    if not os.path.isfile(path):
+        return
+    with open(path, "r+") as f:
+        lines = f.read().splitlines()
+        kept = []
+        for line in lines:
+            try:
+                if json.loads(line).get("iteration", -1) < start_iter:
+                    kept.append(line)
+            except ValueError:
+                continue
+        if kept != lines:
+            f.seek(0)
+            f.write("".join(k + "\n" for k in kept))
+            f.truncate()
 
 
 # ---------------------------------------------------------------- run bookkeeping
@@ -172,10 +235,7 @@ def protocol_of(cfg):
 
 
 def write_json_atomic(obj, path):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, default=str)
-    os.replace(tmp, path)
+    write_text_atomic(json.dumps(obj, indent=1, default=str), path)
 
 
 def run_record(cfg, **extra):
@@ -206,16 +266,16 @@ def main(args):
 
         densepose_data_dir(cfg.DENSEPOSE.DATA)  # a configured folder must exist
     default_setup(cfg, args)
+    # this project's messages (checkpoint fallback, sampling) in the run's log.txt too
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="transfer")
     status_path = os.path.join(cfg.OUTPUT_DIR, "status.json")
     if comm.is_main_process():
         write_json_atomic(run_record(cfg, state="running", started=time.time()), status_path)
     try:
         if args.eval_only:
             model = Trainer.build_model(cfg)
-            from detectron2.checkpoint import DetectionCheckpointer
-
-            DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
-                cfg.MODEL.WEIGHTS, resume=True)
+            checkpointer = AtomicCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
+            checkpointer.load(checkpointer.readable_checkpoint() or cfg.MODEL.WEIGHTS)
             results = Trainer.test(cfg, model)
         else:
             trainer = Trainer(cfg)
@@ -275,8 +335,14 @@ def run(argv=None):
            dist_url=args.dist_url, args=(args,))
 
 
-if __name__ == "__main__":
+def cli(argv=None):
+    """run(), with the user's errors (a bad task, weights, dataset, override, image) as one
+    line; any other exception is a bug and keeps its traceback."""
     try:
-        run()
-    except (datasets.DatasetMissing, FileNotFoundError, ValueError, KeyError) as e:
+        return run(argv)
+    except (UserError, datasets.DatasetMissing) as e:
         raise SystemExit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    cli()

@@ -14,6 +14,8 @@ ensure_detectron2()
 from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
 from detectron2.utils.file_io import PathManager  # noqa: E402
 
+from transfer.errors import UserError  # noqa: E402
+
 logger = logging.getLogger(__name__)
 
 # Parameters that come from the pretrained ResNet; the C4 head's extra norm does not.
@@ -21,8 +23,8 @@ _RESNET_PARAM = re.compile(r"(^|\.)(stem|res[2-5])\.")
 _NEW_LAYER = re.compile(r"res5\.norm\.")
 
 
-class WeightsNotLoaded(RuntimeError):
-    pass
+class WeightsNotLoaded(UserError, RuntimeError):
+    """Weights that do not fit the model, or that cannot be fetched."""
 
 
 def pretrained_resnet_keys(model):
