@@ -129,7 +129,7 @@ class DensePoseCocoEval(COCOeval):
     def __init__(self, coco_gt, coco_dt, surface, mode="GPS"):
         super().__init__(coco_gt, coco_dt, iouType="keypoints")
         self.surface, self.mode = surface, mode
-        self._pairs, self._gt_points = {}, {}
+        self._pairs = {}
 
     def _prepare(self):
         p = self.params
