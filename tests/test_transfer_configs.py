@@ -110,7 +110,9 @@ def test_task_config_matches_protocol(task):
         assert (h.POOLER_RESOLUTION, h.HEATMAP_SIZE, h.NUM_COARSE_SEGM_CHANNELS) == (14, 56, 15)
         assert (h.INDEX_WEIGHTS, h.PART_WEIGHTS, h.POINT_REGRESSION_WEIGHTS) == (2.0, 0.3, 0.1)
         assert h.NUM_PATCHES == 24 and cfg.SOLVER.WARMUP_FACTOR == 0.1
-        assert cfg.DENSEPOSE.KAPPA == 0.255
+        assert (h.POOLER_TYPE, h.POOLER_SAMPLING_RATIO, h.FG_IOU_THRESHOLD) == ("ROIAlign", 2, 0.7)
+        assert (cfg.MODEL.ROI_BOX_HEAD.POOLER_TYPE,
+                cfg.MODEL.ROI_BOX_HEAD.POOLER_SAMPLING_RATIO) == ("ROIAlign", 2)
     if task.startswith("lvis"):
         assert cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST == 0.0001
         assert cfg.TEST.DETECTIONS_PER_IMAGE == 300
