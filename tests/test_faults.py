@@ -129,6 +129,25 @@ def reference(data, tmp_path_factory):
 
 
 # ---------------------------------------------------------------- transfer
+def test_batches_are_a_function_of_seed_and_iteration():
+    """Resuming at iteration k yields the batches an uninterrupted run yields from k on; the
+    processes' shares make up the global batch; each batch is one aspect-ratio bucket."""
+    from transfer.sampling import IterationBatches, aspect_groups
+
+    sizes = [(10, 5), (5, 10), (10, 5), (5, 10), (8, 8), (9, 3), (3, 9)]
+    groups = aspect_groups([{"width": w, "height": h} for w, h in sizes])
+    assert groups.tolist() == [0, 1, 0, 1, 1, 0, 1]
+    first = [b for _, b in zip(range(12), IterationBatches(groups, 4, seed=3))]
+    assert [b for _, b in zip(range(5), IterationBatches(groups, 4, seed=3, start_iter=7))] \
+        == first[7:]
+    for batch, r0, r1 in zip(first, IterationBatches(groups, 4, 3, rank=0, world_size=2),
+                             IterationBatches(groups, 4, 3, rank=1, world_size=2)):
+        assert r0 + r1 == batch and len({groups[i] for i, _ in batch}) == 1
+    assert len({seed for b in first for _, seed in b}) == 48  # a seed per sample
+    other = [b for _, b in zip(range(12), IterationBatches(groups, 4, seed=4))]
+    assert other != first
+
+
 def test_transfer_killed_between_checkpoints_during_eval_and_truncated_resumes_exactly(
         data, reference, tmp_path):
     env, log = env_for(data), str(tmp_path / "out.log")

@@ -92,21 +92,17 @@ class IterationBatches(torch.utils.data.Sampler):
     """Batch sampler: for each iteration from ``start_iter`` on, this process's share of the
     global batch, as a list of (dataset index, sample seed)."""
 
-    def __init__(self, dataset_dicts, total_batch_size, seed, stream=TRAIN, *,
-                 aspect_ratio_grouping=True, repeat_factors=None, start_iter=0, rank=0,
-                 world_size=1):
+    def __init__(self, groups, total_batch_size, seed, stream=TRAIN, *, repeat_factors=None,
+                 start_iter=0, rank=0, world_size=1):
         if total_batch_size % world_size:
             raise ConfigError(f"SOLVER.IMS_PER_BATCH {total_batch_size} is not divisible by "
                               f"the {world_size} processes")
-        self.num = len(dataset_dicts)
+        self.group = groups  # the aspect-ratio bucket of every dataset index
+        self.num = len(groups)
         self.total = total_batch_size
         self.per_rank = total_batch_size // world_size
         self.seed, self.stream, self.start_iter, self.rank = seed, stream, start_iter, rank
         self.repeat_factors = repeat_factors
-        # detectron2's AspectRatioGroupedDataset buckets: landscape (w > h) and the rest
-        self.group = np.array([int(d.get("width", 0) <= d.get("height", 0))
-                               for d in dataset_dicts] if aspect_ratio_grouping
-                              else [0] * self.num, dtype=np.int64)
 
     def global_batches(self):
         buckets = [[], []]
@@ -125,6 +121,15 @@ class IterationBatches(torch.utils.data.Sampler):
                 continue
             yield [(idx, derive_seed(self.seed, self.stream, _SAMPLE, it, lo + k))
                    for k, idx in enumerate(batch[lo:lo + self.per_rank])]
+
+
+def aspect_groups(dataset_dicts, grouping=True):
+    """detectron2's AspectRatioGroupedDataset buckets: 0 landscape (w > h), 1 the rest; one
+    bucket for all without grouping."""
+    if not grouping:
+        return np.zeros(len(dataset_dicts), dtype=np.int64)
+    return np.array([int(d.get("width", 0) <= d.get("height", 0)) for d in dataset_dicts],
+                    dtype=np.int64)
 
 
 def image_readable(path):
@@ -180,16 +185,14 @@ class DeterministicTrainLoader:
     def __init__(self, dataset_dicts, mapper, total_batch_size, seed, stream=TRAIN, *,
                  num_workers=0, aspect_ratio_grouping=True, repeat_factors=None):
         self.dataset = SeededMapDataset(dataset_dicts, mapper)
-        self.dataset_dicts = dataset_dicts
+        self.groups = aspect_groups(dataset_dicts, aspect_ratio_grouping)
         self.total_batch_size, self.seed, self.stream = total_batch_size, seed, stream
         self.num_workers = num_workers
-        self.aspect_ratio_grouping = aspect_ratio_grouping
         self.repeat_factors = repeat_factors
         self.start_iter = 0
 
     def batch_sampler(self):
-        return IterationBatches(self.dataset_dicts, self.total_batch_size, self.seed,
-                                self.stream, aspect_ratio_grouping=self.aspect_ratio_grouping,
+        return IterationBatches(self.groups, self.total_batch_size, self.seed, self.stream,
                                 repeat_factors=self.repeat_factors, start_iter=self.start_iter,
                                 rank=comm.get_rank(), world_size=comm.get_world_size())
 
