@@ -1,6 +1,10 @@
 """Real smoke runs of the harness on the shared samples: train from a converted checkpoint,
 evaluate with the real evaluators, resume, dry-run, and LVIS evaluation."""
+import contextlib
+import copy
+import io
 import json
+import math
 import os
 import subprocess
 import sys
@@ -48,6 +52,63 @@ def train_iterations(path):
         return [json.loads(line) for line in f if '"total_loss"' in line]
 
 
+# ---------------------------------------------------------------- reference evaluations
+# The reported metrics must be what the official tools compute from the detections the run
+# dumped. These call pycocotools / lvis-api / cityscapesscripts directly, whatever evaluator
+# implementation the harness uses.
+COCO_STATS = {"bbox": ("AP", "AP50", "AP75", "APs", "APm", "APl"),
+              "segm": ("AP", "AP50", "AP75", "APs", "APm", "APl"),
+              "keypoints": ("AP", "AP50", "AP75", "APm", "APl")}
+LVIS_STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf")
+
+
+def json_file_of(dataset_name):
+    from detectron2.data import MetadataCatalog
+
+    return MetadataCatalog.get(dataset_name).json_file
+
+
+def pycocotools_metrics(gt_json, detections, iou_type):
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    dets = copy.deepcopy(detections)
+    if iou_type == "segm":  # mask AP uses the mask's area, not the box's
+        for d in dets:
+            d.pop("bbox", None)
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(gt_json)
+        ev = COCOeval(gt, gt.loadRes(dets), iou_type)
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return {name: (ev.stats[i] * 100 if ev.stats[i] >= 0 else math.nan)
+            for i, name in enumerate(COCO_STATS[iou_type])}
+
+
+def lvis_api_metrics(gt_json, detections, iou_type):
+    from lvis import LVIS, LVISEval, LVISResults
+
+    dets = copy.deepcopy(detections)
+    if iou_type == "segm":
+        for d in dets:
+            d.pop("bbox", None)
+    gt = LVIS(gt_json)
+    ev = LVISEval(gt, LVISResults(gt, dets, max_dets=300), iou_type)
+    ev.run()
+    res = ev.get_results()
+    return {name: float(res[name] * 100) for name in LVIS_STATS}
+
+
+def assert_reported_equals(reported, group, reference):
+    for name, value in reference.items():
+        got = reported[f"{group}/{name}"]
+        if math.isnan(value):
+            assert math.isnan(got), (group, name, got)
+        else:
+            assert got == pytest.approx(value, rel=1e-6, abs=1e-9), (group, name, got, value)
+
+
 def test_voc_c4_trains_from_converted_checkpoint_evaluates_and_resumes(moco_pkl, tmp_path):
     out = transfer("voc_frcnn_c4_24k", moco_pkl, tmp_path, "SOLVER.MAX_ITER", "4")
     res = read(out, "results.json")
@@ -80,8 +141,17 @@ def test_coco_tasks_train_and_evaluate(moco_pkl, tmp_path, task, metrics):
     res = read(out, "results.json")
     assert res["state"] == "complete"
     assert metrics <= set(res["metrics"])
-    assert os.path.exists(os.path.join(out, "inference", "coco_instances_results.json")) or \
-        os.path.isdir(os.path.join(out, "inference"))
+    # the reported AP is pycocotools' on the detections the run dumped, for every iou type
+    test_set = {"coco_mask_fpn_1x": "coco_2017_val",
+                "coco_kp_fpn_2x": "keypoints_coco_2017_val"}[task]
+    with open(os.path.join(out, "inference", test_set, "coco_instances_results.json")) as f:
+        detections = json.load(f)
+    for iou_type in sorted({m.split("/")[0] for m in metrics}):
+        if detections:
+            reference = pycocotools_metrics(json_file_of(test_set), detections, iou_type)
+        else:  # no detection: detectron2 reports NaN for every metric
+            reference = {name: math.nan for name in COCO_STATS[iou_type]}
+        assert_reported_equals(res["metrics"], iou_type, reference)
 
 
 def test_lvis_evaluation_runs(tmp_path):
@@ -89,9 +159,17 @@ def test_lvis_evaluation_runs(tmp_path):
 
     run(["--task", "lvis_mask_fpn_1x", "--weights", "random", "--scale", "smoke",
          "--runs", str(tmp_path), "--eval-only", "DATASETS.TRAIN", "('lvis_v0.5_val',)"])
-    res = read(os.path.join(tmp_path, "lvis_mask_fpn_1x@smoke", "random", "seed0"),
-               "results.json")
+    out = os.path.join(tmp_path, "lvis_mask_fpn_1x@smoke", "random", "seed0")
+    res = read(out, "results.json")
     assert {"bbox/AP", "segm/AP", "segm/APr"} <= set(res["metrics"])
+    # every reported LVIS metric is lvis-api's on the dumped detections (300 per image)
+    with open(os.path.join(out, "inference", "lvis_v0.5_val", "lvis_instances_results.json")) as f:
+        detections = json.load(f)
+    assert detections
+    for iou_type in ("bbox", "segm"):
+        assert_reported_equals(res["metrics"], iou_type,
+                               lvis_api_metrics(json_file_of("lvis_v0.5_val"), detections,
+                                                iou_type))
 
 
 def test_missing_dataset_stops_before_training_with_layout(tmp_path):
