@@ -40,6 +40,9 @@ def _subset_coco(annotations_dir, n_images):
 
 
 def _subset_voc(root, n_train, n_test):
+    # detectron2 v0.6 reads the id lists with np.loadtxt, which gives a 0-d array (not
+    # iterable) for a one-line file: VOC splits keep at least two images
+    n_train, n_test = max(n_train, 2), max(n_test, 2)
     for year in ("2007", "2012"):
         main = os.path.join(root, f"VOC{year}", "ImageSets", "Main")
         for name, n in (("trainval", n_train), ("train", n_train), ("test", n_test),
@@ -71,6 +74,14 @@ def write_protocol_datasets(shared_data, root, n_train=2, n_test=1):
     write_cityscapes(root, split_cities=(("train", "aachen", n_train),
                                          ("val", "frankfurt", n_test)), size=(2048, 1024))
     write_densepose(root, image_size=(640, 480))
+    path = os.path.join(root, "coco", "annotations", "densepose_minival2014.json")
+    with open(path) as f:
+        data = json.load(f)
+    keep = {im["id"] for im in data["images"][:n_test]}
+    data["images"] = [im for im in data["images"] if im["id"] in keep]
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] in keep]
+    with open(path, "w") as f:
+        json.dump(data, f)
     synthetic.generate(os.path.join(root, "synthetic"), n_unlabeled=0, n_labeled_per_class=0,
                        n_train=n_train, n_val=n_test, quiet=True)
     return root

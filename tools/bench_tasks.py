@@ -2,12 +2,12 @@
 
 For each task (or those named): the task resolved at full scale, one image per batch, two
 training iterations at the protocol's largest training size on the full-protocol tier's data
-(tests/protocol_data.py: real samples, generated fixtures at real image sizes), then one
-evaluation at the test size. Reported per task: the train and test input sizes the model saw,
-CPU seconds (all threads of the process) and wall seconds of the second iteration (forward,
-backward, optimizer step; the first carries one-off allocations), and the peak resident memory
-up to that point and over the whole run (with evaluation). Appended to BENCHMARKS.md under the
-machine's heading.
+(tests/protocol_data.py: real samples, generated fixtures at real image sizes), no evaluation.
+Reported per task: the training input sizes the model saw, the protocol's test size, CPU seconds
+(all threads of the process) and wall seconds of the second iteration (forward, backward,
+optimizer step; the first carries one-off allocations), and the peak resident memory up to it.
+Tasks that differ only in their schedule (a 1x and its 2x) are measured once. Appended to
+BENCHMARKS.md under the machine's heading.
 
     python -m tools.bench_tasks [--out BENCHMARKS.md] [TASK ...]
 """
@@ -24,7 +24,8 @@ import torch
 from pretrain.bench import machine
 from tests.conftest import SHARED_DATA
 from tests.protocol_data import write_protocol_datasets
-from tests.test_full_protocol import tier_overrides
+from tests.test_full_protocol import run_key, tier_overrides
+from transfer.config import setup_cfg
 from transfer.tasks import known_tasks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,8 +33,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def measure(task, data_root, work):
     record = os.path.join(work, f"{task}.json")
-    overrides = tier_overrides(task)
+    overrides = tier_overrides(task, fewer_rois=False)  # the protocol's ROI counts
     overrides[overrides.index("SOLVER.MAX_ITER") + 1] = "2"
+    overrides += ["DATASETS.TEST", "()"]
     cmd = [sys.executable, "-m", "transfer.protocol_probe", "--record", record, "--",
            "--task", task, "--weights", "random", "--runs", os.path.join(work, "runs"),
            *overrides]
@@ -42,13 +44,14 @@ def measure(task, data_root, work):
                        stdout=log, stderr=subprocess.STDOUT, check=True)
     with open(record) as f:
         rec = json.load(f)
-    sizes = {mode: sorted({"x".join(map(str, im["size"])) for fwd in rec["forwards"]
-                           if fwd["mode"] == mode for im in fwd["images"]})
-             for mode in ("train", "test")}
+    train = sorted({"x".join(map(str, im["size"])) for fwd in rec["forwards"]
+                    if fwd["mode"] == "train" for im in fwd["images"]})
+    cfg = setup_cfg(task, "random")
+    test = ("full image" if cfg.MODEL.META_ARCHITECTURE == "SemanticSegmentor"
+            else f"short {cfg.INPUT.MIN_SIZE_TEST}, long <= {cfg.INPUT.MAX_SIZE_TEST}")
     step = rec["train_steps"][-1]
-    return {"task": task, "train": ", ".join(sizes["train"]), "test": ", ".join(sizes["test"]),
-            "cpu_s": step["cpu_s"], "wall_s": step["wall_s"], "rss_train": step["peak_rss_mb"],
-            "rss_all": rec["peak_rss_mb"]}
+    return {"task": task, "train": ", ".join(train), "test": test, "cpu_s": step["cpu_s"],
+            "wall_s": step["wall_s"], "rss_train": step["peak_rss_mb"]}
 
 
 def main(argv=None):
@@ -60,8 +63,12 @@ def main(argv=None):
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-tasks-") as work:
         data_root = write_protocol_datasets(SHARED_DATA, os.path.join(work, "data"))
+        measured = {}
         for task in tasks:
-            rows.append(measure(task, data_root, work))
+            key = run_key(task)
+            if key not in measured:
+                measured[key] = measure(task, data_root, work)
+            rows.append(dict(measured[key], task=task))
             r = rows[-1]
             print(f"{task}: {r['cpu_s']:.1f} CPU s, {r['wall_s']:.1f} s, "
                   f"{r['rss_train']:.0f} MB", flush=True)
@@ -69,15 +76,15 @@ def main(argv=None):
              f"Measured {datetime.datetime.now():%Y-%m-%d %H:%M} with "
              f"`python -m tools.bench_tasks {' '.join(args.tasks)}`.\n",
              "### One full-size training iteration per task (batch 1, CPU)\n",
-             f"torch threads: {torch.get_num_threads()}. Sizes are (h x w) as the model saw them "
-             "(training: the largest of the protocol's sizes). CPU s counts every thread of the "
-             "process (second iteration: forward, backward, optimizer step); peak RSS is the "
-             "process's maximum resident memory up to that iteration, and over the whole run "
-             "including the evaluation at the test size.\n",
-             "| task | train size | test size | CPU s / iter | wall s / iter | peak RSS train (MB) "
-             "| peak RSS with eval (MB) |", "|---|---|---|---|---|---|---|"]
+             f"torch threads: {torch.get_num_threads()}. Training sizes are (h x w) as the model "
+             "saw them (the largest of the protocol's sizes; the tier's real-size images); test "
+             "sizes are the protocol's. CPU s counts every thread of the process (second "
+             "iteration: forward, backward, optimizer step); peak RSS is the process's maximum "
+             "resident memory up to that iteration. A 1x and its 2x share one measurement.\n",
+             "| task | train size | test size | CPU s / iter | wall s / iter | peak RSS (MB) |",
+             "|---|---|---|---|---|---|"]
     lines += [f"| `{r['task']}` | {r['train']} | {r['test']} | {r['cpu_s']:.1f} | "
-              f"{r['wall_s']:.1f} | {r['rss_train']:.0f} | {r['rss_all']:.0f} |" for r in rows]
+              f"{r['wall_s']:.1f} | {r['rss_train']:.0f} |" for r in rows]
     with open(args.out, "a") as f:
         f.write("\n".join(lines) + "\n")
     print(f"appended to {args.out}")
