@@ -147,5 +147,15 @@ def test_real_smoke_suite_two_weights_two_seeds_end_to_end(tmp_path):
     assert all(frame.loc[w, "bbox/AP50"].split(" (")[-1].startswith("2)")
                for w in ("random init", "moco"))
     assert "Table 2a" in open(os.path.join(out, "results.md")).read()
+    # the seed is a real axis: for each weights the two seeds start from different losses
+    for weights in ("moco", "random"):
+        first = []
+        for seed in (0, 1):
+            with open(os.path.join(runs, "voc_frcnn_dc5_24k@smoke", weights, f"seed{seed}",
+                                   "metrics.json")) as f:
+                losses = [json.loads(line) for line in f if '"total_loss"' in line]
+            assert losses[0]["iteration"] == 0
+            first.append(losses[0]["total_loss"])
+        assert first[0] != first[1], (weights, first)
     assert os.path.exists(os.path.join(out, "report.html"))
     assert suite_main(args + ["--dry-run"]) == 0  # complete runs are now skipped
