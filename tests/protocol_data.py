@@ -39,6 +39,17 @@ def _subset_coco(annotations_dir, n_images):
                 json.dump(data, f)
 
 
+def _keep_first_images(path, n):
+    """A COCO-style json cut to its first n images and their annotations."""
+    with open(path) as f:
+        data = json.load(f)
+    keep = {im["id"] for im in data["images"][:n]}
+    data["images"] = [im for im in data["images"] if im["id"] in keep]
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] in keep]
+    with open(path, "w") as f:
+        json.dump(data, f)
+
+
 def _subset_voc(root, n_train, n_test):
     # detectron2 v0.6 reads the id lists with np.loadtxt, which gives a 0-d array (not
     # iterable) for a one-line file: VOC splits keep at least two images
@@ -59,14 +70,7 @@ def write_protocol_datasets(shared_data, root, n_train=2, n_test=1):
     _subset_coco(os.path.join(root, "coco", "annotations"), n_train)
     # the test split keeps n_test of the kept val images
     for name in ("instances_val2017.json", "person_keypoints_val2017.json"):
-        path = os.path.join(root, "coco", "annotations", name)
-        with open(path) as f:
-            data = json.load(f)
-        keep = {im["id"] for im in data["images"][:n_test]}
-        data["images"] = [im for im in data["images"] if im["id"] in keep]
-        data["annotations"] = [a for a in data["annotations"] if a["image_id"] in keep]
-        with open(path, "w") as f:
-            json.dump(data, f)
+        _keep_first_images(os.path.join(root, "coco", "annotations", name), n_test)
     _subset_voc(root, n_train, n_test)
     lvis_val = os.path.join(root, "lvis", "lvis_v0.5_val.json")
     os.symlink(os.path.realpath(lvis_val), os.path.join(root, "lvis", "lvis_v0.5_train.json"))
@@ -74,14 +78,8 @@ def write_protocol_datasets(shared_data, root, n_train=2, n_test=1):
     write_cityscapes(root, split_cities=(("train", "aachen", n_train),
                                          ("val", "frankfurt", n_test)), size=(2048, 1024))
     write_densepose(root, image_size=(640, 480))
-    path = os.path.join(root, "coco", "annotations", "densepose_minival2014.json")
-    with open(path) as f:
-        data = json.load(f)
-    keep = {im["id"] for im in data["images"][:n_test]}
-    data["images"] = [im for im in data["images"] if im["id"] in keep]
-    data["annotations"] = [a for a in data["annotations"] if a["image_id"] in keep]
-    with open(path, "w") as f:
-        json.dump(data, f)
+    _keep_first_images(os.path.join(root, "coco", "annotations", "densepose_minival2014.json"),
+                       n_test)
     synthetic.generate(os.path.join(root, "synthetic"), n_unlabeled=0, n_labeled_per_class=0,
                        n_train=n_train, n_val=n_test, quiet=True)
     return root

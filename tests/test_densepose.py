@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import transfer.datasets  # noqa: F401  (registers the DensePose datasets)
-from transfer.config import setup_cfg
+from transfer.config import config_keys, setup_cfg
 from transfer.densepose import fixture, gps
 from transfer.densepose.evaluation import (
     DensePoseCocoEval, encode_iuv, evaluate_densepose, gt_coco, iuv_size, resolve_geodesics,
@@ -473,15 +473,6 @@ RUN_KEYS = ("OUTPUT_DIR", "SEED", "MODEL.DEVICE")
 
 def _plain(value):
     return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
-
-
-def config_keys(cfg, prefix=""):
-    """Every leaf key of a config, dotted."""
-    for k, v in cfg.items():
-        if isinstance(v, dict):
-            yield from config_keys(v, f"{prefix}{k}.")
-        else:
-            yield prefix + k
 
 
 def test_densepose_config_equals_the_legacy_s1x_config_key_for_key():
