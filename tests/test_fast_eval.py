@@ -10,6 +10,7 @@ import contextlib
 import copy
 import io
 import json
+import logging
 import os
 
 import numpy as np
@@ -146,8 +147,15 @@ def test_coco_evaluator_of_the_harness_uses_the_fast_path(tmp_path, caplog):
                          pred_classes=torch.tensor([contiguous[r["category_id"]] for r in mine],
                                                    dtype=torch.int64))
         evaluator.process([{"image_id": record["image_id"]}], [{"instances": inst}])
-    with caplog.at_level("INFO", logger="transfer.fast_eval"):
-        metrics = evaluator.evaluate()["bbox"]
+    # the handler on the logger itself: a training run in this process (detectron2's
+    # setup_logger for "transfer") stops propagation to the root logger caplog listens on
+    log = logging.getLogger("transfer.fast_eval")
+    log.addHandler(caplog.handler)
+    try:
+        with caplog.at_level("INFO", logger="transfer.fast_eval"):
+            metrics = evaluator.evaluate()["bbox"]
+    finally:
+        log.removeHandler(caplog.handler)
     if not has_compiled_ops():
         assert any("COCOeval_opt.evaluate() finished" in r.getMessage() for r in caplog.records)
     # the detections detectron2 wrote for this evaluation, through pycocotools
