@@ -74,7 +74,7 @@ def main(argv=None):
                   f"{r['rss_train']:.0f} MB", flush=True)
     lines = [f"\n## {machine()}\n",
              f"Measured {datetime.datetime.now():%Y-%m-%d %H:%M} with "
-             f"`python -m tools.bench_tasks {' '.join(args.tasks)}`.\n",
+             f"`{' '.join(['python -m tools.bench_tasks'] + args.tasks)}`.\n",
              "### One full-size training iteration per task (batch 1, CPU)\n",
              f"torch threads: {torch.get_num_threads()}. Training sizes are (h x w) as the model "
              "saw them (the largest of the protocol's sizes; the tier's real-size images); test "
