@@ -19,7 +19,7 @@ import weakref
 
 import torch
 
-from transfer.d2 import ensure_detectron2, has_compiled_ops
+from transfer.d2 import ensure_detectron2
 
 ensure_detectron2()
 
@@ -28,7 +28,7 @@ from detectron2.engine import DefaultTrainer, default_setup, hooks, launch  # no
 from detectron2.utils.logger import setup_logger  # noqa: E402
 from detectron2.evaluation import (  # noqa: E402
     CityscapesInstanceEvaluator, CityscapesSemSegEvaluator, COCOEvaluator, DatasetEvaluators,
-    LVISEvaluator, PascalVOCDetectionEvaluator, SemSegEvaluator)
+    PascalVOCDetectionEvaluator, SemSegEvaluator)
 from detectron2.data import DatasetMapper, MetadataCatalog  # noqa: E402
 from fvcore.nn.precise_bn import get_bn_modules  # noqa: E402
 
