@@ -23,6 +23,8 @@ from faster_coco_eval import COCO as FasterCOCO
 from faster_coco_eval import COCOeval_faster
 from lvis import LVISResults
 
+from pretrain.engine import write_text_atomic
+
 logger = logging.getLogger(__name__)
 
 
@@ -104,9 +106,7 @@ class FasterLVISEvaluator(LVISEvaluator):
         if self._output_dir:
             path = os.path.join(self._output_dir, "lvis_instances_results.json")
             os.makedirs(self._output_dir, exist_ok=True)
-            with open(path + ".tmp", "w") as f:
-                json.dump(results, f)
-            os.replace(path + ".tmp", path)
+            write_text_atomic(json.dumps(results), path)
         if not self._do_evaluation:
             self._logger.info("Annotations are not available for evaluation.")
             return

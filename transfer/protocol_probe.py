@@ -14,7 +14,6 @@ turns it into the per-task cost table of BENCHMARKS.md.
 """
 import argparse
 import json
-import os
 import resource
 import sys
 import time
@@ -70,13 +69,6 @@ class Recorder:
                 register_optimizer_step_post_hook(self.after_optimizer_step)]
 
 
-def write_json(obj, path):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
-
-
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     split = argv.index("--") if "--" in argv else len(argv)
@@ -95,7 +87,7 @@ def main(argv=None):
     finally:
         for h in handles:
             h.remove()
-        write_json({"argv": argv[split + 1:], "forwards": recorder.forwards,
+        train_net.write_json_atomic({"argv": argv[split + 1:], "forwards": recorder.forwards,
                     "train_steps": recorder.steps,
                     "peak_rss_mb": peak_rss_mb(), "seconds": time.perf_counter() - started,
                     "threads": torch.get_num_threads(),
