@@ -107,7 +107,7 @@ results: $(STAMP)
 
 # The whole pipeline on generated data, on a CPU, in minutes.
 demo: $(STAMP)
-	$(PYTHON) -m transfer.demo $(ARGS)
+	$(PYTHON) -m tools.demo $(ARGS)
 
 clean:
 	rm -rf $(VENV) demo_out

@@ -8,7 +8,7 @@ from results.collect import collect
 
 
 def test_demo_pipeline_small(tmp_path, monkeypatch):
-    from transfer import demo
+    from tools import demo
 
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "demo_out"

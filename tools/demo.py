@@ -3,7 +3,7 @@
 generate data -> MoCo pretraining -> supervised baseline (same budget) -> convert both ->
 transfer (MoCo, supervised, random init; 2 seeds each; smoke scale) -> results table + report.
 
-    python -m transfer.demo [--out demo_out] [--iters 100] [--seeds 2] [--small]
+    python -m tools.demo [--out demo_out] [--iters 100] [--seeds 2] [--small]
 
 Everything is synthetic and small: the numbers show that the pipeline works and how it reports,
 not how MoCo transfers. Whatever they are, the table reports them as measured.
