@@ -38,16 +38,16 @@ help: $(STAMP)
 
 # Create $(VENV) and install everything pinned (torch, detectron2 v0.6 pure-Python, ...).
 setup: $(STAMP)
-$(STAMP): requirements.txt pyproject.toml transfer/install_detectron2.py
+$(STAMP): requirements.txt pyproject.toml tools/install_detectron2.py
 	test -x $(PYTHON) || python3 -m venv $(VENV)
 	$(PYTHON) -m pip install -q -r requirements.txt
-	$(PYTHON) transfer/install_detectron2.py
 	$(PYTHON) -m pip install -q --no-deps --no-build-isolation -e .
+	$(PYTHON) tools/install_detectron2.py
 	touch $(STAMP)
 
 # Report versions, compiled ops, CUDA, datasets found and which tasks can run.
 doctor: $(STAMP)
-	$(PYTHON) -m transfer.doctor
+	$(PYTHON) -m tools.doctor
 
 # Run the whole test suite on CPU.
 test: $(STAMP)
@@ -55,7 +55,7 @@ test: $(STAMP)
 
 # Benchmarks (pretraining throughput, harness overhead, converter, results) -> BENCHMARKS.md.
 bench: $(STAMP)
-	$(PYTHON) -m pretrain.bench --out BENCHMARKS.md $(ARGS)
+	$(PYTHON) -m tools.bench --out BENCHMARKS.md $(ARGS)
 
 # Cost of one full-size training iteration of every task (TASKS=... for some) -> BENCHMARKS.md.
 bench-tasks: $(STAMP)
@@ -90,7 +90,7 @@ transfer: $(STAMP)
 #   DETECTRON2_DATASETS=datasets_densepose make transfer TASK=coco_densepose_fpn_s1x SCALE=smoke
 # Write a generated DensePose-COCO dataset (official format) under ROOT (datasets_densepose).
 densepose-fixture: $(STAMP)
-	$(PYTHON) -m transfer.densepose.fixture $(or $(ROOT),datasets_densepose)
+	$(PYTHON) -m tools.fixtures.densepose $(or $(ROOT),datasets_densepose)
 
 # List the tasks and the paper table each reproduces.
 tasks: $(STAMP)
@@ -98,7 +98,7 @@ tasks: $(STAMP)
 
 # Plan and run every TASKS x WEIGHTS x SEEDS run (skips complete ones, resumes the rest).
 suite: $(STAMP)
-	$(PYTHON) -m results.suite --tasks "$(TASKS)" --weights "$(WEIGHTS)" --seeds $(SEEDS) \
+	$(PYTHON) -m tools.suite --tasks "$(TASKS)" --weights "$(WEIGHTS)" --seeds $(SEEDS) \
 	  --scale $(SCALE) --runs $(RUNS) $(if $(DRY_RUN),--dry-run) $(ARGS)
 
 # Collate the runs under RUNS into the paper's tables and an HTML report under OUT.

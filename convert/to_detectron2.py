@@ -16,11 +16,9 @@ and ResNet config the weights need (the transfer harness applies them), the sour
 epoch and arch.
 """
 import argparse
-import hashlib
 import os
 import pickle
 import sys
-import tempfile
 from collections import OrderedDict
 
 import numpy as np
@@ -28,6 +26,7 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from convert.files import atomic_open, sha256_of  # noqa: E402
 from convert.formats import BGR_MSRA, FORMATS, RGB_TORCHVISION, detect, strip_module  # noqa: E402
 from convert.resnet_check import BackboneMismatch, detectron2_resnet_config, identify  # noqa: E402
 
@@ -65,14 +64,6 @@ def detectron2_to_torchvision(name):
 
 
 # ---------------------------------------------------------------- reading
-def sha256_of(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def load_checkpoint(path):
     if not os.path.isfile(path):
         raise ConversionError(f"{path}: no such file")
@@ -206,17 +197,8 @@ def convert(path, input_format=None):
 
 
 def write_atomic(obj, out_path):
-    directory = os.path.dirname(os.path.abspath(out_path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".convert-", suffix=".pkl")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            pickle.dump(obj, f)
-        os.replace(tmp, out_path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_open(out_path, "wb") as f:
+        pickle.dump(obj, f)
 
 
 def default_output(path):

@@ -6,11 +6,12 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 import time
 
 import torch
 import torch.distributed as dist
+
+from convert.files import atomic_open
 
 logger = logging.getLogger("pretrain")
 
@@ -87,32 +88,9 @@ def resolve_precision(precision, device):
 
 # ---------------------------------------------------------------- checkpoints
 def save_atomic(obj, path):
-    """torch.save to a temporary file in the same folder, then rename: never half-written."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".pth")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def write_text_atomic(text, path):
-    """Write a small text file through a temporary file and a rename."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """torch.save, written whole or not at all (convert/files.py)."""
+    with atomic_open(path, "wb") as f:
+        torch.save(obj, f)
 
 
 def latest_checkpoint(output_dir):

@@ -109,6 +109,29 @@ def build_model(args, world_size):
     return MoCo(arch, args.moco_dim, args.moco_k, args.moco_m, args.moco_t, args.mlp, groups)
 
 
+def train_step(model, criterion, optimizer, scaler, im_q, im_k, device, amp_dtype,
+               channels_last, generator):
+    """One MoCo step: query forward+backward, key forward, queue update (in the model)."""
+    im_q = im_q.to(device, non_blocking=True)
+    im_k = im_k.to(device, non_blocking=True)
+    if channels_last:
+        im_q = im_q.contiguous(memory_format=torch.channels_last)
+        im_k = im_k.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
+                        enabled=amp_dtype is not None):
+        logits, labels = model(im_q, im_k, generator=generator)
+    loss = criterion(logits.float(), labels)
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+    return loss, logits, labels
+
+
 def checkpoint_dict(args, model, optimizer, scaler, epoch, iteration, batches_per_epoch, gen):
     state = model.state_dict()
     if not isinstance(model, nn.parallel.DistributedDataParallel):
@@ -214,23 +237,8 @@ def main(args):
             pin_memory=device.type == "cuda", drop_last=True,
             persistent_workers=False)
         for (im_q, im_k), _ in data:
-            im_q = im_q.to(device, non_blocking=True)
-            im_k = im_k.to(device, non_blocking=True)
-            if channels_last:
-                im_q = im_q.contiguous(memory_format=torch.channels_last)
-                im_k = im_k.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
-                                enabled=amp_dtype is not None):
-                logits, labels = model(im_q, im_k, generator=gen)
-            loss = criterion(logits.float(), labels)
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                optimizer.step()
+            loss, logits, labels = train_step(model, criterion, optimizer, scaler, im_q, im_k,
+                                              device, amp_dtype, channels_last, gen)
             acc1, acc5 = engine.accuracy(logits, labels, topk=(1, 5))
             progress.step(it, epoch, args.batch_size, loss=loss.item(), acc1=acc1, acc5=acc5,
                           lr=lr)

@@ -9,19 +9,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from convert.files import write_text_atomic  # noqa: E402
 from results.collect import long_metrics, metrics_records  # noqa: E402
 from results.tables import REFERENCE_WEIGHTS  # noqa: E402
 
 
 def slug(text):
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
-
-
-def write_text_atomic(path, text):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def table_markdown(table, decimals):
@@ -107,7 +101,7 @@ def write_report(runs, tables, out_dir, decimals=1):
         for ext, text in (("md", md), ("csv", frame.to_csv()),
                           ("tex", frame.to_latex() if len(frame) else "")):
             p = os.path.join(out_dir, f"{name}.{ext}")
-            write_text_atomic(p, text)
+            write_text_atomic(text, p)
             written.append(p)
         md_all.append(md)
         html_parts.append(f"<h2>{html.escape(table.title)} ({table.scale})</h2>")
@@ -125,15 +119,15 @@ def write_report(runs, tables, out_dir, decimals=1):
                 written.append(curve)
     raw = long_metrics(runs)
     raw_path = os.path.join(out_dir, "runs.csv")
-    write_text_atomic(raw_path, raw.to_csv(index=False))
+    write_text_atomic(raw.to_csv(index=False), raw_path)
     status_path = os.path.join(out_dir, "run_status.csv")
-    write_text_atomic(status_path, runs[["task", "scale", "weights", "seed", "state", "reason",
-                                         "path"]].to_csv(index=False))
+    status = runs[["task", "scale", "weights", "seed", "state", "reason", "path"]]
+    write_text_atomic(status.to_csv(index=False), status_path)
     html_parts.append("<h2>Every run</h2>" + runs[["task", "scale", "weights", "seed", "state",
                                                     "reason"]].to_html(index=False))
     html_parts.append("</body></html>")
     md_path = os.path.join(out_dir, "results.md")
-    write_text_atomic(md_path, "\n".join(md_all))
+    write_text_atomic("\n".join(md_all), md_path)
     html_path = os.path.join(out_dir, "report.html")
-    write_text_atomic(html_path, "\n".join(html_parts))
+    write_text_atomic("\n".join(html_parts), html_path)
     return written + [raw_path, status_path, md_path, html_path]

@@ -24,17 +24,6 @@ ROW_ORDER = {"random": 0, "supervised": 1}
 ROW_LABEL = {"random": "random init", "supervised": "supervised"}
 
 
-def paper_table_of(task):
-    try:
-        from transfer.config import get_cfg, task_config_path
-
-        cfg = get_cfg()
-        cfg.merge_from_file(task_config_path(task))
-        return cfg.MOCO_TRANSFER.PAPER_TABLE or task
-    except Exception:
-        return task
-
-
 @dataclass
 class Stat:
     values: list
@@ -131,12 +120,15 @@ class Table:
         return lines
 
 
-def build_tables(runs, table_of=paper_table_of):
-    """Group runs into tables: one per paper table, scale and protocol variant."""
+def build_tables(runs):
+    """Group runs into tables: one per paper table (as each run recorded it), scale and
+    protocol variant."""
     if runs.empty:
         return []
     runs = runs.copy()
-    runs["paper_table"] = runs["task"].map({t: table_of(t) for t in runs["task"].unique()})
+    # a task's table title: the one its runs recorded, else the task's name
+    titles = {t: next((p for p in g if p), t) for t, g in runs.groupby("task")["paper_table"]}
+    runs["paper_table"] = runs["task"].map(titles)
     tables = []
     for (title, scale), group in runs.groupby(["paper_table", "scale"], sort=True):
         # protocol variants per task, in order of first appearance (complete runs first)

@@ -18,7 +18,7 @@ _DATASET_ROOT = tempfile.mkdtemp(prefix="moco-transfer-datasets-")
 os.environ["DETECTRON2_DATASETS"] = _DATASET_ROOT  # before detectron2.data registers datasets
 if HAVE_SHARED:
     sys.path.insert(0, ROOT)
-    from transfer.sample_data import layout  # noqa: E402  (no detectron2 import)
+    from tools.sample_data import layout  # noqa: E402  (no detectron2 import)
 
     layout(SHARED_DATA, _DATASET_ROOT)
 

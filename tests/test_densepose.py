@@ -12,7 +12,8 @@ import torch
 
 import transfer.datasets  # noqa: F401  (registers the DensePose datasets)
 from transfer.config import config_keys, setup_cfg
-from transfer.densepose import fixture, gps
+from tools.fixtures import densepose as fixture
+from transfer.densepose import gps
 from transfer.densepose.evaluation import (
     DensePoseCocoEval, encode_iuv, evaluate_densepose, gt_coco, iuv_size, resolve_geodesics,
     results_coco)
@@ -168,7 +169,7 @@ def test_training_step_with_images_without_densepose(dp_root):
 
     from transfer.densepose.data import DensePoseDatasetMapper
     from transfer.densepose.structures import DensePoseList
-    from transfer.train_net import Trainer
+    from transfer.trainer import Trainer
 
     cfg = setup_cfg("coco_densepose_fpn_s1x", "random", scale="smoke")
     torch.manual_seed(0)

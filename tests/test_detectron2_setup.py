@@ -5,15 +5,36 @@ import textwrap
 
 import pytest
 import torch
+from detectron2 import model_zoo
+from detectron2.config import get_cfg
+from detectron2.modeling import build_model
+from detectron2.structures import Boxes, Instances, PolygonMasks
 
-from transfer.d2 import CompiledOpMissing, ensure_detectron2
+from transfer.d2 import CompiledOpMissing
 
-ensure_detectron2()
 
-from detectron2 import model_zoo  # noqa: E402
-from detectron2.config import get_cfg  # noqa: E402
-from detectron2.modeling import build_model  # noqa: E402
-from detectron2.structures import Boxes, Instances, PolygonMasks  # noqa: E402
+def _fresh_python(script, tmp_path):
+    """Run `script` in a new interpreter of this environment, from a folder outside the
+    repository: what a user's own script or notebook gets."""
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True,
+                          text=True, cwd=tmp_path)
+
+
+def test_plain_detectron2_imports_work_in_the_environment(tmp_path):
+    out = _fresh_python("""
+        import sys
+        import detectron2.layers, detectron2.modeling, detectron2.engine
+        from detectron2.evaluation import coco_evaluation
+        import detectron2._C as C
+        from transfer.fast_eval import FasterCOCOeval
+        assert getattr(C, "__moco_transfer_stand_in__", False)
+        assert coco_evaluation.COCOeval_opt is FasterCOCOeval
+        print(sorted(m for m in sys.modules if m.split(".")[0] == "transfer"))
+    """, tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "Error processing" not in out.stderr  # the .pth hook itself ran cleanly
+    # the hook loads only the stand-in and, with detectron2's evaluation, the fast evaluator
+    assert out.stdout.strip() == "['transfer', 'transfer.d2', 'transfer.fast_eval']"
 
 
 def test_stand_in_raises_a_clear_error_for_a_compiled_only_op():
@@ -34,28 +55,48 @@ def test_fast_coco_evaluation_is_faster_coco_eval_without_compiled_ops():
     assert coco_evaluation.COCOeval_opt is FasterCOCOeval  # numbers: tests/test_fast_eval.py
 
 
-def test_stand_in_is_not_installed_when_a_real_extension_imports(tmp_path):
-    # Simulate a compiled build: a real detectron2._C is importable before the harness looks.
-    script = textwrap.dedent("""
-        import sys, types, importlib.machinery
-        real = types.ModuleType("detectron2._C")
-        real.__spec__ = importlib.machinery.ModuleSpec("detectron2._C", None)
-        real.marker = "compiled"
-        import detectron2
-        sys.modules["detectron2._C"] = real
-        detectron2._C = real
-        from transfer.d2 import ensure_detectron2
-        assert ensure_detectron2() is True
+def test_stand_in_is_not_used_when_a_real_extension_imports(tmp_path):
+    # Simulate a compiled build: a finder that knows a real detectron2._C, as the extension
+    # module of an official build would be found.
+    out = _fresh_python("""
+        import importlib.abc, importlib.machinery, sys
+
+        class Compiled(importlib.abc.Loader):
+            def create_module(self, spec):
+                return None
+            def exec_module(self, module):
+                module.marker = "compiled"
+
+        class FindsCompiled(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name == "detectron2._C":
+                    return importlib.machinery.ModuleSpec(name, Compiled())
+
+        sys.meta_path.append(FindsCompiled())
         import detectron2._C as C
-        assert C is real and C.marker == "compiled"
+        assert C.marker == "compiled" and not hasattr(C, "__moco_transfer_stand_in__")
+        from transfer.d2 import has_compiled_ops
+        assert has_compiled_ops()
         from detectron2.evaluation import coco_evaluation
-        from detectron2.evaluation.fast_eval_api import COCOeval_opt
-        assert coco_evaluation.COCOeval_opt is COCOeval_opt
+        assert coco_evaluation.COCOeval_opt.__module__ == "detectron2.evaluation.fast_eval_api"
         print("ok")
-    """)
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    """, tmp_path)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().endswith("ok")
+
+
+def test_installer_writes_the_hook_only_without_compiled_ops(tmp_path, monkeypatch):
+    from tools import install_detectron2
+
+    monkeypatch.setattr(install_detectron2, "compiled_ops_importable", lambda: False)
+    install_detectron2.install_hook(str(tmp_path))
+    assert (tmp_path / install_detectron2.HOOK_FILE).read_text() == install_detectron2.HOOK_LINE
+    monkeypatch.setattr(install_detectron2, "compiled_ops_importable", lambda: True)
+    install_detectron2.install_hook(str(tmp_path))
+    assert not (tmp_path / install_detectron2.HOOK_FILE).exists()
+    # and in this environment the hook is there, because the ops are missing here
+    monkeypatch.undo()
+    assert install_detectron2.compiled_ops_importable() is False
 
 
 def _fixed_batch(keypoints=False):

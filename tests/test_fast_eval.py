@@ -23,13 +23,14 @@ from lvis import LVIS, LVISEval, LVISResults
 
 from tests.conftest import SHARED_DATA, requires_shared
 from transfer.d2 import has_compiled_ops
-from transfer.fast_eval import LVIS_METRICS, FasterCOCOeval, FasterLVISEvaluator, evaluate_lvis
+from transfer.evaluators import FasterLVISEvaluator
+from transfer.fast_eval import LVIS_METRICS, FasterCOCOeval, evaluate_lvis
 
-import detectron2.evaluation.coco_evaluation as coco_evaluation  # noqa: E402  (after transfer)
-from detectron2.config import get_cfg  # noqa: E402
-from detectron2.data import DatasetCatalog  # noqa: E402
-from detectron2.evaluation import COCOEvaluator  # noqa: E402
-from detectron2.structures import Boxes, Instances  # noqa: E402
+import detectron2.evaluation.coco_evaluation as coco_evaluation
+from detectron2.config import get_cfg
+from detectron2.data import DatasetCatalog
+from detectron2.evaluation import COCOEvaluator
+from detectron2.structures import Boxes, Instances
 
 COCO_ANN = os.path.join(SHARED_DATA, "coco_tiny", "annotations")
 LVIS_ANN = os.path.join(SHARED_DATA, "lvis_tiny", "annotations")
@@ -124,7 +125,7 @@ def test_fast_coco_eval_equals_pycocotools(iou_type, ann_file):
 def test_coco_evaluator_of_the_harness_uses_the_fast_path(tmp_path, caplog):
     """The evaluator `coco` datasets get evaluates through the fast path, with pycocotools'
     numbers: predictions fed through process()/evaluate() as a model's would be."""
-    from transfer.train_net import Trainer
+    from transfer.trainer import Trainer
 
     name = "coco_2017_val"
     evaluator = Trainer.build_evaluator(get_cfg(), name, str(tmp_path))._evaluators[0]
@@ -199,7 +200,7 @@ def test_fast_lvis_eval_equals_lvis_api(iou_type):
 def test_lvis_evaluator_of_the_harness_uses_the_fast_path(tmp_path):
     """`lvis` datasets get FasterLVISEvaluator; fed like a model's outputs, it gives lvis-api's
     numbers on the detections it wrote."""
-    from transfer.train_net import Trainer
+    from transfer.trainer import Trainer
 
     name = "lvis_v0.5_val"  # the conftest root: lvis_tiny's json of its one present image
     evaluator = Trainer.build_evaluator(get_cfg(), name, str(tmp_path))._evaluators[0]

@@ -242,9 +242,9 @@ def test_unknown_override_names_the_key_and_its_nearest_valid_keys(tmp_path):
 def test_a_bug_keeps_its_traceback_and_a_user_error_is_one_line(tmp_path, monkeypatch):
     """A KeyError that is not the user's (here: a dataset whose evaluator type has no
     evaluator) propagates; the user's own errors become one line."""
-    from transfer import train_net
+    from transfer import evaluators, train_net
 
-    monkeypatch.delitem(train_net.EVALUATORS, "coco")
+    monkeypatch.delitem(evaluators.EVALUATORS, "coco")
     args = ["--task", "coco_mask_fpn_1x", "--scale", "smoke", "--runs", str(tmp_path),
             "--eval-only"]
     with pytest.raises(KeyError, match="no evaluator for dataset 'coco_2017_val'"):
@@ -316,7 +316,7 @@ def test_suite_killed_midway_then_preempted_under_submitit_completes_exactly(
     """`make suite` SIGKILLed (with its run) in the middle of a run, started again through
     submitit's local executor, whose job is preempted and requeued: the complete run is
     reused untouched, the killed one resumes twice and ends bit-identical to the reference."""
-    from results.suite import get_parser, plan, submit_slurm
+    from tools.suite import get_parser, plan, submit_slurm
 
     runs = tmp_path / "runs"
     # a complete run the suite must reuse as it is (a copy of the reference, for seed 1)
@@ -330,7 +330,7 @@ def test_suite_killed_midway_then_preempted_under_submitit_completes_exactly(
     d = run_dir(runs, seed=0)
 
     # 1. the local suite is killed, with the run it started, after iteration 2 of seed 0
-    kill_when(start([sys.executable, "-m", "results.suite", *suite_args, *SMALL], env, log),
+    kill_when(start([sys.executable, "-m", "tools.suite", *suite_args, *SMALL], env, log),
               lambda: 2 in logged_iterations(d))
     out = open(log).read()
     assert "1 to start, 0 to resume, 1 complete" in out

@@ -8,7 +8,7 @@ most expensive iteration), and fewer boxes through the ROI heads (64 sampled ROI
 image instead of 512, 100 test proposals instead of 1000): a C4 head runs res5 on every ROI, and
 at 512 + 1000 ROIs one C4 task alone costs minutes of CPU. Input sizes, model and evaluator stay
 the protocol's. The data are in the official formats at real image sizes (test sets of one
-image; tests/protocol_data.py). Each run must:
+image; tools/fixtures/protocol.py). Each run must:
 - train one iteration with finite losses on images of exactly the protocol's training size
   (ResizeShortestEdge of the real image to max(MIN_SIZE_TRAIN), capped at MAX_SIZE_TRAIN; the
   crop for semantic segmentation);
@@ -34,7 +34,7 @@ from torch.nn.modules.module import register_module_forward_pre_hook
 
 from tests.conftest import ROOT, SHARED_DATA, requires_shared
 from transfer.config import setup_cfg
-from transfer.tasks import known_tasks
+from transfer.configs import known_tasks
 
 from detectron2.data.transforms import ResizeShortestEdge
 
@@ -60,7 +60,7 @@ def tier_overrides(task, fewer_rois=True):
 
 @pytest.fixture(scope="module")
 def protocol_root(tmp_path_factory):
-    from tests.protocol_data import write_protocol_datasets
+    from tools.fixtures.protocol import write_protocol_datasets
 
     return write_protocol_datasets(SHARED_DATA, str(tmp_path_factory.mktemp("protocol_data")))
 

@@ -7,7 +7,7 @@ import pytest
 
 from results.__main__ import main as results_main
 from results.collect import collect
-from results.suite import main as suite_main, plan
+from tools.suite import main as suite_main, plan
 from results.tables import build_tables, format_cell, Stat, welch_p
 from tests.conftest import requires_shared
 

@@ -10,7 +10,7 @@ from transfer.config import setup_cfg
 
 
 def test_fcn_output_stride_and_dilations():
-    from transfer.train_net import Trainer
+    from transfer.trainer import Trainer
 
     cfg = setup_cfg("cityscapes_semseg_fcn_90k", "random")
     model = Trainer.build_model(cfg)
@@ -49,7 +49,7 @@ def test_logits_are_aligned_with_pixels_at_sizes_not_multiple_of_16(task):
     same pixel: the logit of pixel j is the model's answer for pixel j, with no half-stride
     (7.5 px) shift. The image is 97 x 161 (not multiples of 16), fed as at test time, and the
     loss at train time is computed on a 97 x 161 label."""
-    from transfer.train_net import Trainer
+    from transfer.trainer import Trainer
 
     cfg = setup_cfg(task, "random")
     model = Trainer.build_model(cfg)
@@ -162,7 +162,7 @@ def test_miou_perfect_and_known_confusion(tmp_path):
 def test_semseg_smoke_training_lowers_loss_and_evaluates(task, dataset_root, tmp_path):
     import json
 
-    from tests.fixtures import write_cityscapes, write_voc_aug
+    from tools.fixtures.cityscapes_voc import write_cityscapes, write_voc_aug
     from transfer.train_net import run
 
     if task.startswith("voc"):

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torchvision
 
-from transfer.config import get_cfg, setup_cfg, task_config_path
-from transfer.tasks import known_tasks, schedule_iterations
+from transfer.config import get_cfg, setup_cfg
+from transfer.configs import known_tasks, schedule_iterations, task_config_path
 
 VOC_TRAIN_SIZES = tuple(range(480, 801, 32))
 COCO_TRAIN_SIZES = tuple(range(640, 801, 32))
@@ -221,7 +221,7 @@ def test_unknown_task_lists_known_ones():
 
 @pytest.mark.parametrize("task", sorted(PROTOCOL))
 def test_every_task_builds_its_model_on_cpu(task):
-    from transfer.train_net import Trainer
+    from transfer.trainer import Trainer
 
     cfg = setup_cfg(task, "random")
     model = Trainer.build_model(cfg)
@@ -287,7 +287,7 @@ def test_independent_rename_table_spot_checks():
                                          ("coco_mask_fpn_1x", "backbone.bottom_up."),
                                          ("voc_frcnn_dc5_24k", "backbone.bottom_up.")])
 def test_converted_moco_r50_fills_every_backbone_tensor(converted_r50, task, prefix):
-    from transfer.train_net import Trainer
+    from transfer.trainer import Trainer
     from transfer.weights import load_pretrained, pretrained_resnet_keys
 
     path, source = converted_r50
@@ -312,7 +312,7 @@ def test_converted_moco_r50_fills_every_backbone_tensor(converted_r50, task, pre
 
 
 def test_weights_that_fit_nothing_are_refused(tmp_path):
-    from transfer.train_net import Trainer
+    from transfer.trainer import Trainer
     from transfer.weights import WeightsNotLoaded, load_pretrained
 
     bad = tmp_path / "empty.pkl"

@@ -195,7 +195,7 @@ def test_dry_run_prints_resolved_config_and_unknown_task_lists_tasks(tmp_path):
 
 
 def test_cityscapes_instance_task_on_generated_fixture(dataset_root, tmp_path, monkeypatch):
-    from tests.fixtures import write_cityscapes
+    from tools.fixtures.cityscapes_voc import write_cityscapes
     from transfer.train_net import run
 
     write_cityscapes(dataset_root)

@@ -2,7 +2,7 @@
 
 For each task (or those named): the task resolved at full scale, one image per batch, two
 training iterations at the protocol's largest training size on the full-protocol tier's data
-(tests/protocol_data.py: real samples, generated fixtures at real image sizes), no evaluation.
+(tools/fixtures/protocol.py: real samples, generated fixtures at real image sizes), no evaluation.
 Reported per task: the training input sizes the model saw, the protocol's test size, CPU seconds
 (all threads of the process) and wall seconds of the second iteration (forward, backward,
 optimizer step; the first carries one-off allocations), and the peak resident memory up to it.
@@ -21,12 +21,12 @@ import tempfile
 
 import torch
 
-from pretrain.bench import machine
+from tools.bench import machine
 from tests.conftest import SHARED_DATA
-from tests.protocol_data import write_protocol_datasets
+from tools.fixtures.protocol import write_protocol_datasets
 from tests.test_full_protocol import run_key, tier_overrides
 from transfer.config import setup_cfg
-from transfer.tasks import known_tasks
+from transfer.configs import known_tasks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -69,7 +69,7 @@ def main(argv=None):
     iters = 10 if args.small else args.iters
     log(f"5/6 transfer: synthetic_mask_fpn_1k at smoke scale ({iters} iterations), "
         f"MoCo / supervised / random init x {args.seeds} seeds")
-    from results.suite import main as suite_main
+    from tools.suite import main as suite_main
 
     runs = os.path.join(args.out, "runs")
     rc = suite_main(["--tasks", "synthetic_mask_fpn_1k",

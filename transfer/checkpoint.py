@@ -1,35 +1,55 @@
-"""Checkpoints that survive a kill during the write, and a resume that skips a broken one.
+"""The one owner of model weights on disk: ``TransferCheckpointer``.
 
-``AtomicCheckpointer`` is detectron2's DetectionCheckpointer with two changes:
+detectron2's DetectionCheckpointer, as its own projects subclass it, used by training, resume
+and evaluation alike, with three changes:
 
 - ``save`` writes to a temporary file in the run folder and renames it into place, then
   rewrites ``last_checkpoint`` the same way: ``last_checkpoint`` never names a partial file.
 - ``readable_checkpoint`` returns the newest checkpoint that loads: the one ``last_checkpoint``
   names, else ``model_final.pth``, else ``model_<iteration>.pth`` newest first. A truncated or
   unreadable one (disk full, a copy cut short, a bad sector) is skipped with one log line.
+- every load is strict about the backbone: every pretrained ResNet parameter of the model
+  (stem, res2..res5, wherever the architecture puts them) must be filled, with the right shape.
+  detectron2 only warns when keys do not match, so an empty or wrong conversion would train
+  from random init without anyone noticing; here it raises ``WeightsNotLoaded``.
+
+A converted .pkl the config already read for its metadata (``weights.py``) is not read again.
 """
 import logging
 import os
 import re
 
-from transfer.d2 import ensure_detectron2
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
 
-ensure_detectron2()
-
-from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
-
-from pretrain.engine import save_atomic, write_text_atomic  # noqa: E402
+from convert.files import atomic_open, write_text_atomic
+from transfer.errors import UserError
+from transfer.weights import take_weights_file
 
 logger = logging.getLogger(__name__)
 
 _PERIODIC = re.compile(r"^model_(\d+)\.pth$")
+# Parameters that come from the pretrained ResNet; the C4 head's extra norm does not.
+_RESNET_PARAM = re.compile(r"(^|\.)(stem|res[2-5])\.")
+_NEW_LAYER = re.compile(r"res5\.norm\.")
 
 
-class AtomicCheckpointer(DetectionCheckpointer):
+class WeightsNotLoaded(UserError, RuntimeError):
+    """Weights that do not fit the model, or that cannot be fetched."""
+
+
+def pretrained_resnet_keys(model):
+    return [k for k in model.state_dict()
+            if _RESNET_PARAM.search(k) and not _NEW_LAYER.search(k)
+            and not k.endswith("num_batches_tracked")]
+
+
+class TransferCheckpointer(DetectionCheckpointer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._verified = {}  # path -> loaded content, read once by readable_checkpoint
 
+    # ------------------------------------------------------------ saving
     def save(self, name, **kwargs):
         if not self.save_dir or not self.save_to_disk:
             return
@@ -40,13 +60,15 @@ class AtomicCheckpointer(DetectionCheckpointer):
         basename = f"{name}.pth"
         path = os.path.join(self.save_dir, basename)
         self.logger.info("Saving checkpoint to %s", path)
-        save_atomic(data, path)
+        with atomic_open(path, "wb") as f:
+            torch.save(data, f)
         self.tag_last_checkpoint(basename)
 
     def tag_last_checkpoint(self, last_filename_basename):
         write_text_atomic(last_filename_basename,
                           os.path.join(self.save_dir, "last_checkpoint"))
 
+    # ------------------------------------------------------------ resuming
     def candidates(self):
         """Checkpoint paths to resume from, preferred first."""
         names = []
@@ -81,7 +103,40 @@ class AtomicCheckpointer(DetectionCheckpointer):
                            "weights", self.save_dir, "; ".join(skipped))
         return None
 
+    # ------------------------------------------------------------ loading
+    def load(self, path, checkpointables=None):
+        """Load a checkpoint or pretrained weights (local file or detectron2:// URL)."""
+        if path and not os.path.isfile(path):
+            try:
+                path = self.path_manager.get_local_path(path)
+            except Exception as e:
+                raise WeightsNotLoaded(
+                    f"cannot fetch weights '{path}' ({type(e).__name__}: {e}). Without a "
+                    "network, download the file elsewhere and pass its local path, e.g. "
+                    "WEIGHTS=supervised=/path/to/R-50.pkl") from e
+        self._source = path
+        return super().load(path, checkpointables)
+
     def _load_file(self, filename):
         if filename in self._verified:
             return self._verified.pop(filename)
+        data = take_weights_file(filename)
+        if isinstance(data, dict) and "model" in data and "__author__" in data:
+            return data  # a converted .pkl, as detectron2 reads one
         return super()._load_file(filename)
+
+    def _load_model(self, checkpoint):
+        incompatible = super()._load_model(checkpoint)
+        missing = set(incompatible.missing_keys)
+        wrong = {k for k, *_ in incompatible.incorrect_shapes}
+        resnet = pretrained_resnet_keys(self.model)
+        bad = [k for k in resnet if k in missing or k in wrong]
+        if bad:
+            raise WeightsNotLoaded(
+                f"{len(bad)} of the model's {len(resnet)} pretrained ResNet tensors were not "
+                f"filled by '{self._source}' (missing or wrong shape), e.g. "
+                f"{', '.join(sorted(bad)[:6])}. The weights do not fit this model; check the "
+                "conversion (convert/to_detectron2.py) and MODEL.RESNETS.DEPTH.")
+        logger.info("loaded %d ResNet tensors from %s; newly initialised: %s", len(resnet),
+                    self._source, ", ".join(sorted({k.rsplit(".", 2)[0] for k in missing})[:10]))
+        return incompatible

@@ -4,31 +4,19 @@ Every entry point (training, evaluation, inference with a saved config) loads co
 ``get_cfg``/``load_config`` here, which adds this project's keys and registers its modules.
 """
 import difflib
-import os
-import pickle
 
 import torch
+from detectron2.config import CfgNode as CN
+from detectron2.config import get_cfg as d2_get_cfg
 
-from transfer.d2 import ensure_detectron2
-
-ensure_detectron2()
-
-from detectron2.config import CfgNode as CN  # noqa: E402
-from detectron2.config import get_cfg as d2_get_cfg  # noqa: E402
-
-from transfer.errors import ConfigError, WeightsError  # noqa: E402
-import transfer.modeling  # noqa: E402,F401  (registers Res5ROIHeadsExtraNorm, DC5 backbone)
-import transfer.semseg  # noqa: E402,F401  (registers FCNHead)
-import transfer.densepose.head  # noqa: E402,F401  (registers DensePoseROIHeads)
-from transfer.densepose.config import add_densepose_config  # noqa: E402
-
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
-MSRA_R50 = "detectron2://ImageNetPretrained/MSRA/R-50.pkl"
-RESERVED_WEIGHTS = ("supervised", "random")
-
-# Normalisation the weights expect (PROTOCOL.md section 3), one definition shared with the
-# converter. Random init uses the MoCo (RGB, torchvision) one.
-from convert.formats import BGR_MSRA, RGB_TORCHVISION  # noqa: E402
+import transfer.densepose  # noqa: F401  (registers DensePose's heads, datasets, evaluator)
+import transfer.modeling  # noqa: F401  (registers Res5ROIHeadsExtraNorm, DC5 backbone)
+import transfer.semseg  # noqa: F401  (registers FCNHead, its datasets and mapper)
+from transfer.configs import task_config_path
+from transfer.densepose.config import add_densepose_config
+from transfer.errors import ConfigError
+from transfer.run_dir import run_dir
+from transfer.weights import weights_overrides
 
 
 def add_moco_transfer_config(cfg):
@@ -63,63 +51,13 @@ def load_config(path):
     return cfg
 
 
-def task_config_path(task):
-    from transfer.tasks import known_tasks
-
-    path = os.path.join(CONFIG_DIR, task + ".yaml")
-    if not os.path.isfile(path):
-        raise ConfigError(f"unknown task '{task}'. Known tasks: {', '.join(known_tasks())}")
-    return path
-
-
-# ---------------------------------------------------------------- weights
-def parse_weights(spec):
-    """'random' | 'supervised' | 'supervised=PATH' | 'NAME=PATH' | 'PATH' -> (name, path|None)."""
-    if "=" in spec:
-        name, path = spec.split("=", 1)
-        return name, path
-    if spec in RESERVED_WEIGHTS:
-        return spec, None
-    base = os.path.basename(spec)
-    for ext in (".d2.pkl", ".pkl"):
-        if base.endswith(ext):
-            base = base[: -len(ext)]
-    return base, spec
-
-
-def read_converted_metadata(path):
-    """Normalisation/config overrides carried by a converted .pkl (convert/to_detectron2.py)."""
-    if not os.path.isfile(path):
-        raise WeightsError(f"weights file '{path}' not found")
-    if not path.endswith(".pkl"):
-        raise WeightsError(
-            f"weights '{path}' are not in detectron2's format; convert them first:\n"
-            f"  python convert/to_detectron2.py {path}")
-    with open(path, "rb") as f:
-        data = pickle.load(f, encoding="latin1")
-    meta = data.get("moco_transfer") if isinstance(data, dict) else None
-    if meta:
-        return dict(meta["normalization"], **meta.get("config", {})), meta
-    author = str(data.get("__author__", "")) if isinstance(data, dict) else ""
-    if author.upper() in ("MOCO", "TORCHVISION"):  # the reference converters' outputs
-        return dict(RGB_TORCHVISION), {"format": author}
-    raise WeightsError(
-        f"weights '{path}' carry no normalisation metadata; re-convert them with "
-        f"convert/to_detectron2.py (use --input-format rgb|bgr for a detectron2 .pkl)")
-
-
-def weights_overrides(spec):
-    """(name, {config key: value}) for a weights spec."""
-    name, path = parse_weights(spec)
-    if path is None and name == "random":
-        return name, dict(RGB_TORCHVISION, **{"MODEL.WEIGHTS": ""})
-    if path is None and name == "supervised":
-        return name, dict(BGR_MSRA, **{"MODEL.WEIGHTS": MSRA_R50})
-    overrides, meta = read_converted_metadata(path)
-    overrides["MODEL.WEIGHTS"] = os.path.abspath(path)
-    overrides["MOCO_TRANSFER.WEIGHTS_SHA256"] = meta.get("sha256", "")
-    overrides["MOCO_TRANSFER.WEIGHTS_FORMAT"] = meta.get("format", "")
-    return name, overrides
+def load_task_config(task):
+    """A task's config as its YAML states it (no weights, scale or overrides applied): the one
+    place a task name becomes a config."""
+    cfg = get_cfg()
+    cfg.merge_from_file(task_config_path(task))
+    cfg.MOCO_TRANSFER.TASK = task
+    return cfg
 
 
 # ---------------------------------------------------------------- scales
@@ -166,9 +104,7 @@ SCALES = {"full": scale_full, "smoke": scale_smoke}
 def setup_cfg(task, weights="random", seed=0, scale="full", overrides=(), output=None,
               num_gpus=1, runs_root="runs"):
     """The fully resolved config of one run."""
-    cfg = get_cfg()
-    cfg.merge_from_file(task_config_path(task))
-    cfg.MOCO_TRANSFER.TASK = task
+    cfg = load_task_config(task)
     name, wcfg = weights_overrides(weights)
     cfg.merge_from_list([x for kv in wcfg.items() for x in kv])
     cfg.MOCO_TRANSFER.WEIGHTS = name
@@ -220,9 +156,3 @@ def apply_overrides(cfg, overrides):
             cfg.merge_from_list([key, value])
         except ValueError as e:  # yacs: the value's type differs from the default's
             raise ConfigError(f"override {key} {value}: {e}") from e
-
-
-def run_dir(runs_root, task, weights_name, seed, scale="full"):
-    """<runs>/<task>[@scale]/<weights>/seed<k>: the weights and seed are run axes."""
-    task_dir = task if scale == "full" else f"{task}@{scale}"
-    return os.path.join(runs_root, task_dir, weights_name, f"seed{seed}")

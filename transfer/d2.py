@@ -1,25 +1,29 @@
-"""The one place the harness imports detectron2 through.
+"""Stand-in for detectron2's compiled ops, loaded by an import hook when they are missing.
 
 detectron2's Python code imports its compiled extension ``detectron2._C`` at module level (for
 deformable/rotated ops and the fast COCO evaluator). This project installs detectron2 v0.6 as
-pure Python (see ``install_detectron2.py``), so when no real ``_C`` can be imported, a stand-in
-module takes its place: importing works, every op that needs the extension fails with a message
-naming the op, and detectron2's fast COCO evaluator (``COCOeval_opt``) is faster-coco-eval's C++
-``COCOeval`` (``fast_eval.py``), which gives pycocotools' numbers.
+pure Python (``tools/install_detectron2.py``), and with it a ``.pth`` file that calls
+``install()`` at interpreter start-up. ``install()`` puts ``StandInFinder`` first on ``sys.meta_path``. It
+asks the other finders, and steps in only where they find no compiled extension:
 
-When a real, compiled ``detectron2._C`` imports (an official build on a GPU cluster), nothing is
-replaced and detectron2 is used unchanged.
+- ``detectron2._C``: a module where importing works and every op that needs the extension raises
+  ``CompiledOpMissing`` naming the op;
+- ``detectron2.evaluation.fast_eval_api``, when ``_C`` is the stand-in: detectron2's module with
+  ``COCOeval_opt`` (whose C++ half is in the missing extension) set to faster-coco-eval's C++
+  ``COCOeval`` (``fast_eval.FasterCOCOeval``), which gives pycocotools' numbers.
 
-Usage: ``from transfer.d2 import ensure_detectron2; ensure_detectron2()`` before importing any
-``detectron2.*`` module; ``import transfer`` already does it.
+With a real, compiled ``detectron2._C`` (an official build on a GPU cluster), the real
+module is returned and detectron2 is used unchanged; ``tools/install_detectron2.py`` then
+writes no ``.pth`` at all. Plain ``import detectron2.layers`` works either way.
 """
-import importlib
+import importlib.abc
 import importlib.machinery
 import sys
-import types
 import warnings
 
 STAND_IN_ATTR = "__moco_transfer_stand_in__"
+EXTENSION = "detectron2._C"
+FAST_EVAL_API = "detectron2.evaluation.fast_eval_api"
 
 # Names detectron2 v0.6 reads from its extension. Calling any of the ops raises.
 _INFO_FUNCTIONS = {
@@ -46,70 +50,80 @@ def _missing_op(name):
     return op
 
 
-def make_stand_in():
-    """Build the module that stands in for ``detectron2._C``."""
-    mod = types.ModuleType("detectron2._C")
-    mod.__doc__ = "Stand-in for detectron2's compiled extension (see transfer/d2.py)."
-    mod.__spec__ = importlib.machinery.ModuleSpec(
-        "detectron2._C", None, origin="stand-in: transfer/d2.py"
-    )
-    mod.__file__ = "stand-in: transfer/d2.py"
-    setattr(mod, STAND_IN_ATTR, True)
-    for name, fn in _INFO_FUNCTIONS.items():
-        setattr(mod, name, fn)
-
-    def __getattr__(name):
-        if name.startswith("__"):
-            raise AttributeError(name)
-        return _missing_op(name)
-
-    mod.__getattr__ = __getattr__
-    return mod
+def _module_getattr(name):
+    if name.startswith("__"):
+        raise AttributeError(name)
+    return _missing_op(name)
 
 
-def _real_extension_importable():
-    if "detectron2._C" in sys.modules:
-        return not getattr(sys.modules["detectron2._C"], STAND_IN_ATTR, False)
-    try:
-        importlib.import_module("detectron2._C")
-        return True
-    except ImportError:
-        return False
+def is_stand_in(module):
+    return bool(getattr(module, STAND_IN_ATTR, False))
 
 
-def _use_faster_coco_eval():
-    from detectron2.evaluation import coco_evaluation
+class _StandInLoader(importlib.abc.Loader):
+    def create_module(self, spec):
+        return None  # a plain module object
 
-    from transfer.fast_eval import FasterCOCOeval
-
-    # COCOEvaluator picks `COCOeval_opt if use_fast_impl else COCOeval`: the fast one, whose
-    # C++ half is in the missing extension, becomes faster-coco-eval's C++ COCOeval (same
-    # numbers as pycocotools; tests/test_fast_eval.py).
-    coco_evaluation.COCOeval_opt = FasterCOCOeval
-
-
-_state = {}
+    def exec_module(self, module):
+        module.__doc__ = "Stand-in for detectron2's compiled extension (see transfer/d2.py)."
+        setattr(module, STAND_IN_ATTR, True)
+        for name, fn in _INFO_FUNCTIONS.items():
+            setattr(module, name, fn)
+        module.__getattr__ = _module_getattr
 
 
-def ensure_detectron2():
-    """Make detectron2 importable; returns True if the real compiled ops are present."""
-    if "compiled" in _state:
-        return _state["compiled"]
+class _FasterCOCOevalLoader(importlib.abc.Loader):
+    """detectron2's own fast_eval_api module, with COCOeval_opt replaced after it ran."""
+
+    def __init__(self, real_loader):
+        self.real_loader = real_loader
+
+    def create_module(self, spec):
+        return self.real_loader.create_module(spec)
+
+    def exec_module(self, module):
+        self.real_loader.exec_module(module)
+        if is_stand_in(sys.modules.get(EXTENSION)):
+            from transfer.fast_eval import FasterCOCOeval
+
+            module.COCOeval_opt = FasterCOCOeval
+
+
+class StandInFinder(importlib.abc.MetaPathFinder):
+    """Serves ``detectron2._C`` where no real one is found, and wraps ``fast_eval_api``."""
+
+    def _real_spec(self, fullname, path, target):
+        for finder in sys.meta_path:
+            if finder is not self and hasattr(finder, "find_spec"):
+                spec = finder.find_spec(fullname, path, target)
+                if spec is not None:
+                    return spec
+        return None
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname not in (EXTENSION, FAST_EVAL_API):
+            return None
+        spec = self._real_spec(fullname, path, target)
+        if fullname == EXTENSION and spec is None:
+            return importlib.machinery.ModuleSpec(EXTENSION, _StandInLoader(),
+                                                  origin="stand-in: transfer/d2.py")
+        if fullname == FAST_EVAL_API and spec is not None:
+            spec.loader = _FasterCOCOevalLoader(spec.loader)
+        return spec
+
+
+def install():
+    """Put the finder first, once (the .pth file that tools/install_detectron2.py writes)."""
     # detectron2 v0.6 on current torch/setuptools: deprecation notices, not problems
     warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*deprecated",
                             category=FutureWarning)
     warnings.filterwarnings("ignore", message=r"pkg_resources is deprecated", category=UserWarning)
-    import detectron2  # noqa: F401  (fails loudly if detectron2 is not installed at all)
-
-    compiled = _real_extension_importable()
-    if not compiled:
-        stand_in = make_stand_in()
-        sys.modules["detectron2._C"] = stand_in
-        detectron2._C = stand_in
-        _use_faster_coco_eval()
-    _state["compiled"] = compiled
-    return compiled
+    if not any(isinstance(f, StandInFinder) for f in sys.meta_path):
+        sys.meta_path.insert(0, StandInFinder())
 
 
 def has_compiled_ops():
-    return ensure_detectron2()
+    """True if detectron2's real compiled extension is in use."""
+    import detectron2._C
+
+    return not is_stand_in(detectron2._C)

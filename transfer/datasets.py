@@ -3,16 +3,15 @@
 detectron2 registers its builtin datasets (coco_2017_*, keypoints_coco_2017_*, voc_20XX_*,
 lvis_v0.5_*, lvis_v1_*, cityscapes_fine_*) with the root read from ``DETECTRON2_DATASETS``
 (default ``./datasets``) when ``detectron2.data`` is first imported. This module adds the
-embedded synthetic dataset and checks, per evaluator type, that the expected files exist, so a
-missing dataset stops before training with the folder and layout it expected.
+embedded synthetic dataset, checks, per evaluator type, that the expected files exist (a missing
+dataset stops before training with the folder and layout it expected), and keeps the registry
+of dataset mappers. Semantic segmentation (semseg.py) and DensePose (densepose/data.py) register
+their own datasets and mappers.
 """
 import os
 
-from transfer.d2 import ensure_detectron2
-
-ensure_detectron2()
-
-from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
+from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog
+from detectron2.data.datasets import register_coco_instances
 
 
 class DatasetMissing(FileNotFoundError):
@@ -42,7 +41,7 @@ LAYOUTS = {
                  "COCO 2014 images under {root}/coco/{{train2014,val2014}}/; optional data files "
                  "in {root}/densepose/ (UV_symmetry_transforms.mat, SMPL_subdiv.mat, "
                  "SMPL_SUBDIV_TRANSFORM.mat, Pdist_matrix.pkl); to try it on generated data: "
-                 "python -m transfer.densepose.fixture ROOT",
+                 "python -m tools.fixtures.densepose ROOT",
 }
 
 
@@ -84,16 +83,38 @@ def check_datasets(names):
         raise DatasetMissing("\n".join(problems))
 
 
+# ---------------------------------------------------------------- mappers, by model
+# A model family that needs its own dataset mapper registers it here from its own module
+# (semseg.py, densepose/data.py); everything else gets detectron2's DatasetMapper.
+MAPPERS = {}
+
+
+def register_mapper(model_key, train=True, test=False):
+    """Register ``builder(cfg, is_train)`` for models whose ROI_HEADS.NAME or
+    META_ARCHITECTURE is ``model_key``."""
+    def deco(builder):
+        for is_train, wanted in ((True, train), (False, test)):
+            if wanted:
+                MAPPERS[(model_key, is_train)] = builder
+        return builder
+    return deco
+
+
+def build_mapper(cfg, is_train):
+    for key in (cfg.MODEL.ROI_HEADS.NAME, cfg.MODEL.META_ARCHITECTURE):
+        if (key, is_train) in MAPPERS:
+            return MAPPERS[(key, is_train)](cfg, is_train)
+    return DatasetMapper(cfg, is_train)
+
+
 # ---------------------------------------------------------------- synthetic (embedded default)
 SYNTHETIC_SPLITS = {"synthetic_train": "train", "synthetic_val": "val"}
 
 
 def register_synthetic(root=None):
-    """Register the generated shapes dataset (pretrain/synthetic.py) as COCO-format datasets
-    ``synthetic_train``/``synthetic_val`` (boxes + masks) under ``<root>/synthetic``."""
-    from detectron2.data.datasets import register_coco_instances
-    from pretrain import synthetic
-
+    """Register the generated shapes dataset (``make demo`` writes it) as COCO-format datasets
+    ``synthetic_train``/``synthetic_val`` (boxes + masks) under ``<root>/synthetic``. The class
+    names come from the json's categories when the dataset is read."""
     base = os.path.join(root or dataset_root(), "synthetic", "coco")
     for name, split in SYNTHETIC_SPLITS.items():
         if name in DatasetCatalog.list():
@@ -101,25 +122,6 @@ def register_synthetic(root=None):
         register_coco_instances(name, {}, os.path.join(base, "annotations",
                                                        f"instances_{split}.json"),
                                 os.path.join(base, split))
-        MetadataCatalog.get(name).set(thing_classes=list(synthetic.CLASSES))
 
 
 register_synthetic()
-
-
-def _register_voc_sem_seg():
-    from transfer.semseg import register_voc_sem_seg
-
-    register_voc_sem_seg(dataset_root())
-
-
-_register_voc_sem_seg()
-
-
-def _register_densepose():
-    from transfer.densepose.data import register_densepose_coco
-
-    register_densepose_coco(dataset_root())
-
-
-_register_densepose()

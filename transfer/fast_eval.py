@@ -9,21 +9,18 @@ pycocotools' numbers (checked metric by metric in tests/test_fast_eval.py) sever
 
 faster-coco-eval's C++ entry points take its own dataset objects, not the per-instance lists
 detectron2's ``COCOeval_opt`` passes to ``_C``, so the whole evaluator class is used instead.
-LVIS: ``FasterLVISEvaluator`` scores with faster-coco-eval in LVIS mode, which gives lvis-api's
-``LVISEval`` numbers (tests/test_fast_eval.py); detectron2 v0.6 calls ``LVISEval`` from inside
-a module function, so the evaluator's ``_eval_predictions`` is where it is replaced.
-"""
-import json
-import logging
-import os
+LVIS: ``evaluate_lvis`` scores with faster-coco-eval in LVIS mode, which gives lvis-api's
+``LVISEval`` numbers (tests/test_fast_eval.py); ``evaluators.FasterLVISEvaluator`` calls it.
 
-from detectron2.evaluation import LVISEvaluator
+No ``detectron2.evaluation`` import here: ``d2.py`` loads this module while detectron2's
+evaluation package is still being imported.
+"""
+import logging
+
 from detectron2.utils.logger import create_small_table
 from faster_coco_eval import COCO as FasterCOCO
 from faster_coco_eval import COCOeval_faster
 from lvis import LVISResults
-
-from pretrain.engine import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -89,27 +86,3 @@ def evaluate_lvis(lvis_gt, lvis_results, iou_type, max_dets_per_image=None):
     metrics = {m: float(stats[k] * 100) for m, k in LVIS_METRICS.items()}
     logger.info("Evaluation results for %s:\n%s", iou_type, create_small_table(metrics))
     return metrics
-
-
-class FasterLVISEvaluator(LVISEvaluator):
-    """detectron2's ``LVISEvaluator`` (same inputs, outputs, results file) whose predictions
-    are scored by ``evaluate_lvis`` instead of lvis-api's pure-Python ``LVISEval``."""
-
-    def _eval_predictions(self, predictions):
-        results = [r for p in predictions for r in p["instances"]]
-        tasks = self._tasks or self._tasks_from_predictions(results)
-        # the model's contiguous class ids back to the json's category ids
-        to_json = {v: k for k, v in
-                   self._metadata.get("thing_dataset_id_to_contiguous_id", {}).items()}
-        for r in results:
-            r["category_id"] = to_json[r["category_id"]] if to_json else r["category_id"] + 1
-        if self._output_dir:
-            path = os.path.join(self._output_dir, "lvis_instances_results.json")
-            os.makedirs(self._output_dir, exist_ok=True)
-            write_text_atomic(json.dumps(results), path)
-        if not self._do_evaluation:
-            self._logger.info("Annotations are not available for evaluation.")
-            return
-        for task in sorted(tasks):
-            self._results[task] = evaluate_lvis(self._lvis_api, results, task,
-                                                self._max_dets_per_image)

@@ -9,15 +9,11 @@ evaluation and inference with a saved config all see the same registry.
 """
 import torch.nn.functional as F
 
-from transfer.d2 import ensure_detectron2
-
-ensure_detectron2()
-
-from detectron2.layers import Conv2d, ShapeSpec, get_norm  # noqa: E402
-from detectron2.modeling import BACKBONE_REGISTRY, ROI_HEADS_REGISTRY, Backbone  # noqa: E402
-from detectron2.modeling.backbone.resnet import build_resnet_backbone  # noqa: E402
-from detectron2.modeling.roi_heads import Res5ROIHeads  # noqa: E402
-import fvcore.nn.weight_init as weight_init  # noqa: E402
+from detectron2.layers import Conv2d, ShapeSpec, get_norm
+from detectron2.modeling import BACKBONE_REGISTRY, ROI_HEADS_REGISTRY, Backbone
+from detectron2.modeling.backbone.resnet import build_resnet_backbone
+from detectron2.modeling.roi_heads import Res5ROIHeads
+import fvcore.nn.weight_init as weight_init
 
 
 @ROI_HEADS_REGISTRY.register()

@@ -13,7 +13,6 @@ full-protocol test tier (tests/test_full_protocol.py) asserts on it, and ``make 
 turns it into the per-task cost table of BENCHMARKS.md.
 """
 import argparse
-import json
 import resource
 import sys
 import time
@@ -22,6 +21,7 @@ import torch
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from convert.files import write_json_atomic
 from transfer import train_net
 from detectron2.modeling import META_ARCH_REGISTRY
 
@@ -87,12 +87,12 @@ def main(argv=None):
     finally:
         for h in handles:
             h.remove()
-        train_net.write_json_atomic({"argv": argv[split + 1:], "forwards": recorder.forwards,
+        write_json_atomic({"argv": argv[split + 1:], "forwards": recorder.forwards,
                     "train_steps": recorder.steps,
                     "peak_rss_mb": peak_rss_mb(), "seconds": time.perf_counter() - started,
                     "threads": torch.get_num_threads(),
                     "error": None if error is None else f"{type(error).__name__}: {error}"},
-                   args.record)
+                   args.record, indent=1)
 
 
 if __name__ == "__main__":

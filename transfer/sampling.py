@@ -28,18 +28,14 @@ import random
 import numpy as np
 import torch
 
-from transfer.d2 import ensure_detectron2
+import detectron2.utils.comm as comm
+from detectron2.data import DatasetFromList, get_detection_dataset_dicts
+from detectron2.data.build import trivial_batch_collator
+from detectron2.data.detection_utils import read_image
+from detectron2.data.samplers import RepeatFactorTrainingSampler
+from detectron2.engine import HookBase
 
-ensure_detectron2()
-
-import detectron2.utils.comm as comm  # noqa: E402
-from detectron2.data import DatasetFromList, get_detection_dataset_dicts  # noqa: E402
-from detectron2.data.build import trivial_batch_collator  # noqa: E402
-from detectron2.data.detection_utils import read_image  # noqa: E402
-from detectron2.data.samplers import RepeatFactorTrainingSampler  # noqa: E402
-from detectron2.engine import HookBase  # noqa: E402
-
-from transfer.errors import ConfigError, CorruptImage  # noqa: E402
+from transfer.errors import ConfigError, CorruptImage
 
 logger = logging.getLogger(__name__)
 

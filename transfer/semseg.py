@@ -14,6 +14,7 @@
   ``voc_2012_val_sem_seg``: 1449) in the standard ``SegmentationClassAug`` layout.
 """
 import copy
+import json
 import os
 
 import numpy as np
@@ -21,16 +22,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from transfer.d2 import ensure_detectron2
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import detection_utils as utils
+from detectron2.data import transforms as T
+from detectron2.data.datasets.cityscapes import _get_cityscapes_files
+from detectron2.layers import Conv2d, get_norm
+from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
+import fvcore.nn.weight_init as weight_init
 
-ensure_detectron2()
-
-from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
-from detectron2.data import detection_utils as utils  # noqa: E402
-from detectron2.data import transforms as T  # noqa: E402
-from detectron2.layers import Conv2d, get_norm  # noqa: E402
-from detectron2.modeling import SEM_SEG_HEADS_REGISTRY  # noqa: E402
-import fvcore.nn.weight_init as weight_init  # noqa: E402
+from transfer.datasets import dataset_root, register_mapper
 
 VOC_CLASSES = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car",
                "cat", "chair", "cow", "diningtable", "dog", "horse", "motorbike", "person",
@@ -118,6 +118,7 @@ def read_sem_seg(path):
     return utils.read_image(path).astype(np.uint8)
 
 
+@register_mapper("SemanticSegmentor", train=True, test=True)
 class SemSegCropMapper:
     """Random scale, pad (ignore label), random crop and flip, with image and label aligned."""
 
@@ -192,10 +193,6 @@ def register_voc_sem_seg(dataset_root):
 def load_cityscapes_semantic(image_dir, gt_dir):
     """detectron2's Cityscapes semantic loader, minus its demand for *_labelTrainIds.png:
     without them, the mapper maps *_labelIds.png through cityscapesscripts' label table."""
-    import json
-
-    from detectron2.data.datasets.cityscapes import _get_cityscapes_files
-
     ret = []
     for image_file, _, label_file, json_file in _get_cityscapes_files(image_dir, gt_dir):
         with open(json_file) as f:
@@ -218,4 +215,5 @@ def reregister_cityscapes_semantic():
                                                                                 m.gt_dir))
 
 
+register_voc_sem_seg(dataset_root())
 reregister_cityscapes_semantic()

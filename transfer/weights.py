@@ -1,63 +1,91 @@
-"""Load pretrained weights into a detectron2 model, and refuse a load that matched nothing.
+"""Which weights a run starts from: the weights spec, and what a converted .pkl says of itself.
 
-detectron2 only warns when checkpoint keys do not match, so an empty or wrong conversion trains
-from random init without anyone noticing. Here every pretrained ResNet parameter of the model
-(stem, res2..res5, wherever the architecture puts them) must be filled, with the right shape.
+A spec is ``random``, ``supervised`` (MSRA's R-50, detectron2's ImageNet baseline),
+``supervised=PATH``, ``NAME=PATH`` or ``PATH``. A .pkl written by ``convert/to_detectron2.py``
+carries its input normalisation and ResNet config (``moco_transfer`` metadata); the reference
+converters' outputs (``__author__`` MOCO / torchvision) are RGB with torchvision's statistics.
+
+The .pkl is read once: ``read_weights_file`` keeps the last file it read, and the checkpointer
+(``checkpoint.py``) takes it from there instead of unpickling every tensor a second time.
 """
-import logging
-import re
+import os
+import pickle
 
-from transfer.d2 import ensure_detectron2
+from convert.formats import BGR_MSRA, RGB_TORCHVISION
+from transfer.errors import WeightsError
 
-ensure_detectron2()
+MSRA_R50 = "detectron2://ImageNetPretrained/MSRA/R-50.pkl"
+RESERVED_WEIGHTS = ("supervised", "random")
 
-from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
-from detectron2.utils.file_io import PathManager  # noqa: E402
-
-from transfer.errors import UserError  # noqa: E402
-
-logger = logging.getLogger(__name__)
-
-# Parameters that come from the pretrained ResNet; the C4 head's extra norm does not.
-_RESNET_PARAM = re.compile(r"(^|\.)(stem|res[2-5])\.")
-_NEW_LAYER = re.compile(r"res5\.norm\.")
+_last_read = {}  # {(path, mtime, size): unpickled content}, one entry
 
 
-class WeightsNotLoaded(UserError, RuntimeError):
-    """Weights that do not fit the model, or that cannot be fetched."""
+def _file_key(path):
+    st = os.stat(path)
+    return os.path.abspath(path), st.st_mtime_ns, st.st_size
 
 
-def pretrained_resnet_keys(model):
-    return [k for k in model.state_dict()
-            if _RESNET_PARAM.search(k) and not _NEW_LAYER.search(k)
-            and not k.endswith("num_batches_tracked")]
+def read_weights_file(path):
+    """The unpickled .pkl (latin1, as detectron2 reads Caffe2-era files); the last one is kept."""
+    key = _file_key(path)
+    if key not in _last_read:
+        _last_read.clear()
+        with open(path, "rb") as f:
+            _last_read[key] = pickle.load(f, encoding="latin1")
+    return _last_read[key]
 
 
-def load_pretrained(model, path):
-    """Load `path` (local file or detectron2:// URL) with detectron2's matching heuristics.
+def take_weights_file(path):
+    """The content ``read_weights_file`` kept for ``path`` (then forgotten), or None."""
+    if not os.path.isfile(path):
+        return None
+    return _last_read.pop(_file_key(path), None)
 
-    Returns the incompatible keys; raises WeightsNotLoaded if a pretrained ResNet parameter of
-    the model stayed unfilled or had the wrong shape."""
-    checkpointer = DetectionCheckpointer(model)
-    try:
-        local = PathManager.get_local_path(path)
-    except Exception as e:
-        raise WeightsNotLoaded(
-            f"cannot fetch weights '{path}' ({type(e).__name__}: {e}). Without a network, "
-            "download the file elsewhere and pass its local path, e.g. "
-            "WEIGHTS=supervised=/path/to/R-50.pkl") from e
-    checkpoint = checkpointer._load_file(local)
-    incompatible = checkpointer._load_model(checkpoint)
-    missing = set(incompatible.missing_keys)
-    wrong = {k for k, *_ in incompatible.incorrect_shapes}
-    resnet = pretrained_resnet_keys(model)
-    bad = [k for k in resnet if k in missing or k in wrong]
-    if bad:
-        raise WeightsNotLoaded(
-            f"{len(bad)} of the model's {len(resnet)} pretrained ResNet tensors were not filled "
-            f"by '{path}' (missing or wrong shape), e.g. {', '.join(sorted(bad)[:6])}. "
-            "The weights do not fit this model; check the conversion "
-            "(convert/to_detectron2.py) and MODEL.RESNETS.DEPTH.")
-    logger.info("loaded %d pretrained ResNet tensors from %s; newly initialised: %s",
-                len(resnet), path, ", ".join(sorted({k.rsplit(".", 2)[0] for k in missing})[:10]))
-    return incompatible
+
+def parse_weights(spec):
+    """'random' | 'supervised' | 'supervised=PATH' | 'NAME=PATH' | 'PATH' -> (name, path|None)."""
+    if "=" in spec:
+        name, path = spec.split("=", 1)
+        return name, path
+    if spec in RESERVED_WEIGHTS:
+        return spec, None
+    base = os.path.basename(spec)
+    for ext in (".d2.pkl", ".pkl"):
+        if base.endswith(ext):
+            base = base[: -len(ext)]
+    return base, spec
+
+
+def read_converted_metadata(path):
+    """Normalisation/config overrides carried by a converted .pkl (convert/to_detectron2.py)."""
+    if not os.path.isfile(path):
+        raise WeightsError(f"weights file '{path}' not found")
+    if not path.endswith(".pkl"):
+        raise WeightsError(
+            f"weights '{path}' are not in detectron2's format; convert them first:\n"
+            f"  python convert/to_detectron2.py {path}")
+    data = read_weights_file(path)
+    meta = data.get("moco_transfer") if isinstance(data, dict) else None
+    if meta:
+        return dict(meta["normalization"], **meta.get("config", {})), meta
+    author = str(data.get("__author__", "")) if isinstance(data, dict) else ""
+    if author.upper() in ("MOCO", "TORCHVISION"):  # the reference converters' outputs
+        return dict(RGB_TORCHVISION), {"format": author}
+    raise WeightsError(
+        f"weights '{path}' carry no normalisation metadata; re-convert them with "
+        f"convert/to_detectron2.py (use --input-format rgb|bgr for a detectron2 .pkl)")
+
+
+def weights_overrides(spec):
+    """(name, {config key: value}) for a weights spec. Random init uses the MoCo (RGB,
+    torchvision) normalisation (PROTOCOL.md section 3)."""
+    name, path = parse_weights(spec)
+    if path is None and name == "random":
+        return name, dict(RGB_TORCHVISION, **{"MODEL.WEIGHTS": ""})
+    if path is None and name == "supervised":
+        return name, dict(BGR_MSRA, **{"MODEL.WEIGHTS": MSRA_R50})
+    overrides, meta = read_converted_metadata(path)
+    overrides["MODEL.WEIGHTS"] = os.path.abspath(path)
+    overrides["MOCO_TRANSFER.WEIGHTS_SHA256"] = meta.get("sha256", "")
+    overrides["MOCO_TRANSFER.WEIGHTS_FORMAT"] = meta.get("format", "")
+    return name, overrides

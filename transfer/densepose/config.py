@@ -2,7 +2,11 @@
 
 Names follow detectron2's DensePose project; the defaults are the paper's "legacy" s1x head
 (PROTOCOL.md, COCO DensePose row; detectron2 v0.6 densepose_rcnn_R_50_FPN_s1x_legacy.yaml)."""
+import os
+
 from detectron2.config import CfgNode as CN
+
+from transfer.datasets import dataset_root
 
 
 def add_densepose_config(cfg):
@@ -38,10 +42,6 @@ UV_SYMMETRY_FILE = "UV_symmetry_transforms.mat"
 
 def densepose_data_dir(cfg_value):
     """The folder of the DensePose data files (the configured one must exist)."""
-    import os
-
-    from transfer.datasets import dataset_root
-
     if cfg_value and not os.path.isdir(cfg_value):
         raise FileNotFoundError(f"DENSEPOSE.DATA folder '{cfg_value}' does not exist")
     return cfg_value or os.path.join(dataset_root(), "densepose")

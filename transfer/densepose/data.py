@@ -8,18 +8,15 @@ Datasets (detectron2's DensePose names), under ``DETECTRON2_DATASETS``:
 import logging
 import os
 
-from transfer.d2 import ensure_detectron2
+import detectron2.data.detection_utils as utils
+import detectron2.data.transforms as T
+from detectron2.config import configurable
+from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog
+from detectron2.data.datasets import load_coco_json
 
-ensure_detectron2()
-
-import detectron2.data.detection_utils as utils  # noqa: E402
-import detectron2.data.transforms as T  # noqa: E402
-from detectron2.config import configurable  # noqa: E402
-from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog  # noqa: E402
-from detectron2.data.datasets import load_coco_json  # noqa: E402
-
-from transfer.densepose.config import UV_SYMMETRY_FILE, densepose_data_dir  # noqa: E402
-from transfer.densepose.structures import (  # noqa: E402
+from transfer.datasets import dataset_root, register_mapper
+from transfer.densepose.config import UV_SYMMETRY_FILE, densepose_data_dir
+from transfer.densepose.structures import (
     DP_KEYS, DensePoseData, DensePoseList, has_densepose, load_uv_symmetries)
 
 logger = logging.getLogger(__name__)
@@ -30,6 +27,7 @@ DATASETS = {
         "coco/val2014", "coco/annotations/densepose_valminusminival2014.json"),
     "densepose_coco_2014_minival": ("coco/val2014", "coco/annotations/densepose_minival2014.json"),
 }
+
 
 def register_densepose_coco(root):
     for name, (images, annotations) in DATASETS.items():
@@ -59,6 +57,7 @@ def _without_flip(augs, uv_symmetries, folder):
     return kept
 
 
+@register_mapper("DensePoseROIHeads")
 class DensePoseDatasetMapper(DatasetMapper):
     """detectron2's DatasetMapper (boxes, classes) plus ``instances.gt_densepose``: the points
     and part masks stay in each box's frame, so they follow any resize of the image; a
@@ -100,3 +99,6 @@ class DensePoseDatasetMapper(DatasetMapper):
         instances = utils.annotations_to_instances(annos, image_shape)
         instances.gt_densepose = DensePoseList(dps)
         dataset_dict["instances"] = utils.filter_empty_instances(instances)
+
+
+register_densepose_coco(dataset_root())

@@ -29,19 +29,19 @@ import torch.nn.functional as F
 from PIL import Image
 from scipy.ndimage import zoom
 
-from transfer.d2 import ensure_detectron2
+import detectron2.utils.comm as comm
+from detectron2.data import MetadataCatalog
+from detectron2.evaluation import DatasetEvaluator
+from pycocotools import mask as mask_util
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
 
-ensure_detectron2()
+from convert.files import write_json_atomic
 
-import detectron2.utils.comm as comm  # noqa: E402
-from detectron2.data import MetadataCatalog  # noqa: E402
-from detectron2.evaluation import DatasetEvaluator  # noqa: E402
-from pycocotools import mask as mask_util  # noqa: E402
-from pycocotools.coco import COCO  # noqa: E402
-from pycocotools.cocoeval import COCOeval  # noqa: E402
-
-from transfer.densepose.gps import gps, load_official_surface  # noqa: E402
-from transfer.densepose.structures import decode_part_masks  # noqa: E402
+from transfer.densepose.config import densepose_data_dir
+from transfer.densepose.gps import gps, load_official_surface
+from transfer.densepose.structures import decode_part_masks
+from transfer.evaluators import register_evaluator
 
 logger = logging.getLogger(__name__)
 
@@ -380,13 +380,16 @@ class DensePoseEvaluator(DatasetEvaluator):
             return {}
         if self._output_dir:
             os.makedirs(self._output_dir, exist_ok=True)
-            path = os.path.join(self._output_dir, "densepose_results.json")
-            with open(path + ".tmp", "w") as f:
-                json.dump(predictions, f)
-            os.replace(path + ".tmp", path)
+            write_json_atomic(predictions,
+                              os.path.join(self._output_dir, "densepose_results.json"))
         surface, reason = resolve_geodesics(self._data_dir)
         if surface is None:
             logger.warning(reason)
         with open(self._json_file) as f:
             dataset = json.load(f)
         return evaluate_densepose(dataset, predictions, surface)
+
+
+@register_evaluator("densepose")
+def _densepose(name, cfg, out):
+    return DensePoseEvaluator(name, output_dir=out, data_dir=densepose_data_dir(cfg.DENSEPOSE.DATA))

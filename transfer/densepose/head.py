@@ -14,19 +14,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from transfer.d2 import ensure_detectron2
+from detectron2.config import configurable
+from detectron2.layers import Conv2d, ConvTranspose2d, cat
+from detectron2.modeling import ROI_HEADS_REGISTRY, StandardROIHeads
+from detectron2.modeling.poolers import ROIPooler
+from detectron2.modeling.roi_heads.roi_heads import select_foreground_proposals
+from detectron2.structures.boxes import matched_pairwise_iou
+from detectron2.utils.registry import Registry
 
-ensure_detectron2()
-
-from detectron2.config import configurable  # noqa: E402
-from detectron2.layers import Conv2d, ConvTranspose2d, cat  # noqa: E402
-from detectron2.modeling import ROI_HEADS_REGISTRY, StandardROIHeads  # noqa: E402
-from detectron2.modeling.poolers import ROIPooler  # noqa: E402
-from detectron2.modeling.roi_heads.roi_heads import select_foreground_proposals  # noqa: E402
-from detectron2.structures.boxes import matched_pairwise_iou  # noqa: E402
-from detectron2.utils.registry import Registry  # noqa: E402
-
-from transfer.densepose.structures import FRAME  # noqa: E402
+from transfer.densepose.structures import FRAME
 
 ROI_DENSEPOSE_HEAD_REGISTRY = Registry("ROI_DENSEPOSE_HEAD")
 ROI_DENSEPOSE_HEAD_REGISTRY.__doc__ = "DensePose ROI heads: pooled features -> 56x56 maps."

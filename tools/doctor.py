@@ -46,7 +46,6 @@ def densepose_files():
     """Which optional DensePose data files (flip tables, GPS geodesics) are present."""
     from transfer.densepose.config import UV_SYMMETRY_FILE, densepose_data_dir
     from transfer.densepose.gps import OFFICIAL_FILES
-
     folder = densepose_data_dir("")
     found = {f: os.path.isfile(os.path.join(folder, f))
              for f in (UV_SYMMETRY_FILE,) + OFFICIAL_FILES}
@@ -66,9 +65,9 @@ def main():
         problems.append(f"torch/torchvision cannot be imported ({e}); run `make setup`")
         torch = None
     try:
-        from transfer.d2 import ensure_detectron2
-        compiled = ensure_detectron2()
         import detectron2
+        from transfer.d2 import has_compiled_ops
+        compiled = has_compiled_ops()
         print(f"detectron2   {detectron2.__version__} at {os.path.dirname(detectron2.__file__)}")
         print("compiled ops " + ("present (detectron2._C)" if compiled else
               "absent: pure-Python detectron2; deformable/rotated ops unavailable, COCO "
@@ -85,9 +84,11 @@ def main():
         print("\n".join("problem: " + p for p in problems))
         return 1
 
+    # imported once torch and detectron2 are known to import (the checks above say why not)
     from detectron2.data import DatasetCatalog, MetadataCatalog
     from transfer import datasets
-    from transfer.tasks import known_tasks
+    from transfer.config import load_task_config
+    from transfer.configs import known_tasks
 
     print(f"dataset root {datasets.dataset_root()} "
           f"({'DETECTRON2_DATASETS' if os.getenv('DETECTRON2_DATASETS') else 'default; set DETECTRON2_DATASETS to change'})")
@@ -107,12 +108,9 @@ def main():
         print(f"  {label:<22} " + "; ".join(parts))
     print(f"  {'DensePose data files':<22} " + densepose_files())
 
-    from transfer.config import get_cfg, task_config_path
-
     print("tasks:")
     for task in known_tasks():
-        cfg = get_cfg()
-        cfg.merge_from_file(task_config_path(task))
+        cfg = load_task_config(task)
         try:
             datasets.check_datasets(list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST))
             print(f"  {task:<26} can run")

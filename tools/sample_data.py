@@ -1,6 +1,6 @@
 """Lay the small real samples of ../shared/data out as a detectron2 dataset root.
 
-    python -m transfer.sample_data ../shared/data datasets_tiny
+    python -m tools.sample_data ../shared/data datasets_tiny
     DETECTRON2_DATASETS=datasets_tiny make transfer TASK=voc_frcnn_c4_24k SCALE=smoke
 
 Only symbolic links and small list files are written. Result:

@@ -4,8 +4,8 @@ evaluation timings.
 Results are appended to one Markdown file (default BENCHMARKS.md) under a heading naming the
 machine (CPU model, cores, GPU, torch version), so figures from different machines never mix.
 
-    python -m pretrain.bench [--out BENCHMARKS.md] [--only pretrain,data,harness,convert,results]
-    python -m pretrain.bench --only coco_eval [--eval-images 2000]   # COCO evaluation speed
+    python -m tools.bench [--out BENCHMARKS.md] [--only pretrain,data,harness,convert,results]
+    python -m tools.bench --only coco_eval [--eval-images 2000]   # COCO evaluation speed
 (coco_eval: 2000 images by default, as pycocotools needs about 7 minutes for COCO val's 5000 on
 a 2-core machine; `--eval-images 5000` for the full size.)
 """
@@ -23,9 +23,16 @@ import time
 import numpy as np
 import torch
 import torchvision
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
 
-from pretrain import engine, loader
+from convert.to_detectron2 import convert
+from pretrain import engine, loader, main_moco
 from pretrain.builder import MoCo
+from pretrain.synthetic import generate
+from results.__main__ import main as results_main
+from transfer.datasets import dataset_root
+from transfer.fast_eval import FasterCOCOeval
 
 
 def machine():
@@ -59,27 +66,16 @@ def moco_step_bench(device, precision, steps, batch, splits, seed=0):
                                                                         generator=g))
             for _ in range(2)]
     losses, times = [], []
+    criterion = torch.nn.CrossEntropyLoss()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     for i in range(steps + 1):
-        q, k = (x.to(device) for x in data[i % 2])
-        if channels_last:
-            q = q.contiguous(memory_format=torch.channels_last)
-            k = k.contiguous(memory_format=torch.channels_last)
+        q, k = data[i % 2]
         if device.type == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            logits, labels = model(q, k, generator=torch.Generator().manual_seed(i))
-        loss = torch.nn.functional.cross_entropy(logits.float(), labels)
-        opt.zero_grad()
-        if scaler:
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-        else:
-            loss.backward()
-            opt.step()
+        loss, _, _ = main_moco.train_step(model, criterion, opt, scaler, q, k, device, dtype,
+                                          channels_last, torch.Generator().manual_seed(i))
         if device.type == "cuda":
             torch.cuda.synchronize()
         if i:  # the first step warms up
@@ -120,7 +116,6 @@ def bench_pretrain(lines, steps):
 
 
 def bench_data(lines, n_images=64):
-    from pretrain.synthetic import generate
 
     root = generate(os.path.join(tempfile.gettempdir(), "moco-bench-data"), n_unlabeled=n_images,
                     n_labeled_per_class=1, n_train=1, n_val=1, size=256, quiet=True)
@@ -146,7 +141,7 @@ def bench_harness(lines, iters):
     code = r"""
 import sys, time, torch, json
 from transfer.config import setup_cfg
-from transfer.train_net import Trainer
+from transfer.trainer import Trainer
 from detectron2.engine import DefaultTrainer
 from detectron2.utils.events import EventStorage
 import transfer.datasets
@@ -170,8 +165,6 @@ with EventStorage(0) as s:
 times = sorted(times[5:])
 print(json.dumps(times[len(times) // 2]))
 """
-    from pretrain.synthetic import generate
-    from transfer.datasets import dataset_root
 
     generate(os.path.join(dataset_root(), "synthetic"), quiet=True)
     res = {"harness": [], "plain": []}
@@ -198,7 +191,6 @@ def bench_results(lines, seeds=5):
     """Time `make results` on a generated tree: 2 tasks x 3 weights x `seeds` runs."""
     import json
 
-    from results.__main__ import main as results_main
 
     with tempfile.TemporaryDirectory() as d:
         g = torch.Generator().manual_seed(0)
@@ -231,7 +223,7 @@ def main(argv=None):
     which = set(args.only.split(","))
     lines = [f"## {machine()}", "",
              f"Measured {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')} with "
-             f"`python -m pretrain.bench --only {args.only}`.", ""]
+             f"`python -m tools.bench --only {args.only}`.", ""]
     if "pretrain" in which:
         bench_pretrain(lines, args.steps)
     if "data" in which:
@@ -254,7 +246,6 @@ def main(argv=None):
 
 
 def bench_convert(lines):
-    from convert.to_detectron2 import convert
 
     with tempfile.TemporaryDirectory() as d:
         sd = torchvision.models.resnet50().state_dict()
@@ -310,10 +301,7 @@ def bench_coco_eval(lines, images):
     import contextlib
     import io
 
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
 
-    from transfer.fast_eval import FasterCOCOeval
 
     gt_dict, results = coco_eval_data(images)
     with contextlib.redirect_stdout(io.StringIO()):

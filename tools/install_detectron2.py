@@ -3,23 +3,32 @@
 PyPI has no usable detectron2 wheel for current torch. The sdist of ``pb1-detectron2==0.6``
 carries the official v0.6 ``detectron2/`` Python package byte for byte (model-zoo configs
 included) but not the C++/CUDA sources, so ``pip install`` fails at the extension build. We take
-the Python package from it as it is and let ``transfer/d2.py`` stand in for the compiled ops.
+the Python package from it as it is, and write ``moco_transfer_d2.pth`` beside it: at every
+interpreter start it installs ``transfer/d2.py``'s import hook, which stands in for the compiled
+ops. Plain ``import detectron2.layers, detectron2.modeling`` then works in the environment (a
+user's script, a notebook, detectron2's own tools).
 
 If a detectron2 is already importable (for example a compiled official build on a GPU cluster),
-nothing is touched. Standard library only: this runs before anything else is installed.
+it is left alone, and the hook is written only if its compiled ops are missing. Standard library
+and ``convert/files.py`` only: this runs before the project's requirements are used.
 
-    python transfer/install_detectron2.py [--cache DIR] [--force]
+    python tools/install_detectron2.py [--cache DIR] [--force]
 """
 import argparse
-import hashlib
 import importlib.util
 import os
 import shutil
+import subprocess
 import sys
 import sysconfig
 import tarfile
 import tempfile
 import urllib.request
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from convert.files import sha256_of, write_text_atomic  # noqa: E402
 
 SDIST_URL = (
     "https://files.pythonhosted.org/packages/60/26/"
@@ -27,14 +36,11 @@ SDIST_URL = (
 )
 SDIST_SHA256 = "5d2e9e51e523ec72f6a31cca04b0a515492e9514b773a3d134cedc0677170b29"
 VERSION = "0.6"
+HOOK_FILE = "moco_transfer_d2.pth"
+# One line, run by `site` at start-up. Guarded: with the project uninstalled it does nothing.
+HOOK_LINE = ('import importlib.util as u; u.find_spec("transfer") and '
+             'getattr(__import__("transfer.d2").d2, "install", int)()\n')
 
-
-def sha256_of(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def fetch_sdist(cache_dir):
@@ -97,6 +103,27 @@ def install_from_sdist(sdist, site_packages):
           f"into {site_packages}")
 
 
+def compiled_ops_importable():
+    """Whether detectron2's real extension imports, asked of a fresh interpreter (this one may
+    already carry the hook)."""
+    code = ("import sys; sys.meta_path[:] = [f for f in sys.meta_path "
+            "if type(f).__name__ != 'StandInFinder']; import detectron2._C")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
+
+
+def install_hook(site_packages):
+    """Write the .pth that installs the stand-in for detectron2's compiled ops, or remove it
+    where the real ops import."""
+    path = os.path.join(site_packages, HOOK_FILE)
+    if compiled_ops_importable():
+        if os.path.exists(path):
+            os.remove(path)
+        print("[install_detectron2] detectron2's compiled ops import: no stand-in hook")
+        return
+    write_text_atomic(HOOK_LINE, path)
+    print(f"[install_detectron2] compiled ops missing: stand-in hook {path}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cache", default=os.path.expanduser("~/.cache/moco-transfer"),
@@ -105,12 +132,14 @@ def main(argv=None):
                         help="reinstall even if a detectron2 is importable")
     args = parser.parse_args(argv)
 
+    site_packages = sysconfig.get_paths()["purelib"]
     spec = importlib.util.find_spec("detectron2")
     if spec is not None and not args.force:
         where = os.path.dirname(spec.origin or "")
         print(f"[install_detectron2] detectron2 already importable from {where}; leaving it alone")
-        return 0
-    install_from_sdist(fetch_sdist(args.cache), sysconfig.get_paths()["purelib"])
+    else:
+        install_from_sdist(fetch_sdist(args.cache), site_packages)
+    install_hook(site_packages)
     return 0
 
 

@@ -1,6 +1,6 @@
 """Plan and run every task x weights x seed: ``make suite TASKS=... WEIGHTS=... SEEDS=5``.
 
-    python -m results.suite --tasks "voc_frcnn_c4_24k" --weights "moco=a.pkl supervised random" \
+    python -m tools.suite --tasks "voc_frcnn_c4_24k" --weights "moco=a.pkl supervised random" \
         --seeds 5 [--scale smoke] [--dry-run] [--slurm --partition P --gpus-per-node 8 ...]
 
 Complete runs are skipped; interrupted or failed ones are started again and resume from their
@@ -18,6 +18,9 @@ import sys
 from dataclasses import dataclass
 
 from results.collect import read_run
+from transfer.configs import known_tasks
+from transfer.run_dir import run_dir
+from transfer.weights import parse_weights
 
 
 @dataclass
@@ -41,9 +44,6 @@ class PlannedRun:
 
 def plan(tasks, weights, seeds, scale, runs_root):
     """Every (task, weights, seed) with what to do about it."""
-    from transfer.config import parse_weights, run_dir
-    from transfer.tasks import known_tasks
-
     unknown = [t for t in tasks if t not in known_tasks()]
     if unknown:
         raise SystemExit(f"unknown task(s) {unknown}. Known tasks: {', '.join(known_tasks())}")

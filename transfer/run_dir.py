@@ -1,0 +1,106 @@
+"""The run-directory contract: where a run lives and the JSON files it leaves there.
+
+    <runs>/<task>[@<scale>]/<weights>/seed<k>/
+        config.yaml      the resolved config (detectron2's default_setup)
+        status.json      state: running | complete | failed | diverged | interrupted, and why
+        results.json     the final evaluation: flat metrics + everything the tables need
+                         (paper table, description, metrics wanted, protocol, weights hash)
+        metrics.json     detectron2's per-iteration training log (JSON lines)
+        log.txt, model_*.pth, last_checkpoint
+
+``results/`` reads these files back (``results/collect.py``) and imports nothing from here.
+"""
+import json
+import os
+import time
+import traceback
+
+from convert.files import write_json_atomic
+
+STATUS_FILE = "status.json"
+RESULTS_FILE = "results.json"
+METRICS_FILE = "metrics.json"
+
+
+def run_dir(runs_root, task, weights_name, seed, scale="full"):
+    """<runs>/<task>[@scale]/<weights>/seed<k>: the weights and seed are run axes."""
+    task_dir = task if scale == "full" else f"{task}@{scale}"
+    return os.path.join(runs_root, task_dir, weights_name, f"seed{seed}")
+
+
+def protocol_of(cfg):
+    """The settings that must agree for runs to be averaged together."""
+    return {
+        "max_iter": cfg.SOLVER.MAX_ITER, "steps": list(cfg.SOLVER.STEPS),
+        "ims_per_batch": cfg.SOLVER.IMS_PER_BATCH, "base_lr": cfg.SOLVER.BASE_LR,
+        "warmup_iters": cfg.SOLVER.WARMUP_ITERS, "norm": cfg.MODEL.RESNETS.NORM,
+        "min_size_train": list(cfg.INPUT.MIN_SIZE_TRAIN), "min_size_test": cfg.INPUT.MIN_SIZE_TEST,
+        "num_gpus": cfg.MOCO_TRANSFER.NUM_GPUS, "scale": cfg.MOCO_TRANSFER.SCALE,
+        "reference_world_size": cfg.SOLVER.REFERENCE_WORLD_SIZE,
+    }
+
+
+def run_record(cfg, **extra):
+    return {"task": cfg.MOCO_TRANSFER.TASK, "weights": cfg.MOCO_TRANSFER.WEIGHTS,
+            "weights_file": cfg.MODEL.WEIGHTS, "weights_sha256": cfg.MOCO_TRANSFER.WEIGHTS_SHA256,
+            "seed": cfg.SEED, "scale": cfg.MOCO_TRANSFER.SCALE, "protocol": protocol_of(cfg),
+            "paper_table": cfg.MOCO_TRANSFER.PAPER_TABLE,
+            "description": cfg.MOCO_TRANSFER.DESCRIPTION,
+            "metrics_wanted": list(cfg.MOCO_TRANSFER.METRICS), **extra}
+
+
+def flatten_results(results):
+    flat = {}
+    for group, values in (results or {}).items():
+        if isinstance(values, dict):
+            for k, v in values.items():
+                flat[f"{group}/{k}"] = float(v)
+    return flat
+
+
+def _write(record, cfg, name):
+    write_json_atomic(record, os.path.join(cfg.OUTPUT_DIR, name), indent=1, default=str)
+
+
+def write_started(cfg):
+    _write(run_record(cfg, state="running", started=time.time()), cfg, STATUS_FILE)
+
+
+def write_stopped(cfg, error):
+    """status.json of a run an exception ended: diverged (NaN loss), interrupted or failed."""
+    state = "diverged" if isinstance(error, FloatingPointError) else "failed"
+    if isinstance(error, KeyboardInterrupt):
+        state = "interrupted"
+    _write(run_record(cfg, state=state, reason=f"{type(error).__name__}: {error}",
+                      traceback=traceback.format_exc()), cfg, STATUS_FILE)
+
+
+def write_results(cfg, results):
+    """results.json, then status.json complete; returns the flat metrics."""
+    flat = flatten_results(results)
+    record = run_record(cfg, state="complete", finished=time.time(), metrics=flat,
+                        results=results)
+    _write(record, cfg, RESULTS_FILE)
+    _write(record, cfg, STATUS_FILE)
+    return flat
+
+
+def trim_metrics(path, start_iter):
+    """Drop the records of iterations a resumed run trains again (and a line cut by a kill).
+
+    Rewritten in place: detectron2's JSONWriter already holds the file open for appending."""
+    if not os.path.isfile(path):
+        return
+    with open(path, "r+") as f:
+        lines = f.read().splitlines()
+        kept = []
+        for line in lines:
+            try:
+                if json.loads(line).get("iteration", -1) < start_iter:
+                    kept.append(line)
+            except ValueError:
+                continue
+        if kept != lines:
+            f.seek(0)
+            f.write("".join(k + "\n" for k in kept))
+            f.truncate()
