@@ -22,6 +22,8 @@ import torchvision
 
 from pretrain import engine, loader
 from pretrain.builder import MoCo
+from pretrain.knn import knn_accuracy
+from pretrain.synthetic import generate
 
 logger = logging.getLogger("pretrain")
 
@@ -80,8 +82,6 @@ def resolve_args(args):
                 lr=None, image_size=224, schedule=[120, 160], shuffle_groups=8, workers=8)
     if embedded:
         base.update(EMBEDDED_DEFAULTS)
-        from pretrain.synthetic import generate
-
         args.data = os.path.join(generate(os.path.join("datasets", "synthetic")), "unlabeled")
     for k, v in base.items():
         if getattr(args, k) is None:
@@ -254,8 +254,6 @@ def main(args):
             if it >= total_iters:
                 break
         if args.knn_data and args.knn_freq and it % bpe == 0 and (it // bpe) % args.knn_freq == 0:
-            from pretrain.knn import knn_accuracy
-
             encoder = (model.module if world > 1 else model).encoder_q
             acc = knn_accuracy(encoder, args.knn_data, device, args.image_size)
             logger.info("kNN monitor (epoch %d): top-1 %.2f%%", it // bpe, acc)

@@ -13,6 +13,8 @@ import os
 import torchvision
 
 from pretrain import classify
+from pretrain.main_moco import EMBEDDED_DEFAULTS
+from pretrain.synthetic import generate
 
 
 def get_args_parser():
@@ -39,9 +41,6 @@ def main(args):
     embedded = not args.data
     base = dict(arch="resnet50", epochs=200, batch_size=256, image_size=224)
     if embedded:
-        from pretrain.main_moco import EMBEDDED_DEFAULTS
-        from pretrain.synthetic import generate
-
         args.data = os.path.join(generate(os.path.join("datasets", "synthetic")), "labeled")
         base.update({k: EMBEDDED_DEFAULTS[k] for k in ("arch", "epochs", "batch_size",
                                                        "image_size")})

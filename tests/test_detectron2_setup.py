@@ -172,7 +172,7 @@ def test_doctor_reports_build_datasets_and_tasks(dataset_root):
 
     from tests.conftest import HAVE_SHARED, ROOT
 
-    res = subprocess.run([sys.executable, "-m", "transfer.doctor"], capture_output=True,
+    res = subprocess.run([sys.executable, "-m", "tools.doctor"], capture_output=True,
                          text=True, cwd=ROOT, env=dict(os.environ))
     assert res.returncode == 0, res.stderr
     out = res.stdout

@@ -44,6 +44,7 @@ def count(meta):
 
 def densepose_files():
     """Which optional DensePose data files (flip tables, GPS geodesics) are present."""
+    # (doctor imports the harness only once main() has checked torch and detectron2 import)
     from transfer.densepose.config import UV_SYMMETRY_FILE, densepose_data_dir
     from transfer.densepose.gps import OFFICIAL_FILES
     folder = densepose_data_dir("")

@@ -84,6 +84,8 @@ class _FasterCOCOevalLoader(importlib.abc.Loader):
     def exec_module(self, module):
         self.real_loader.exec_module(module)
         if is_stand_in(sys.modules.get(EXTENSION)):
+            # here, not at the top: the hook runs at every interpreter start and imports
+            # nothing heavy until detectron2's evaluation is imported
             from transfer.fast_eval import FasterCOCOeval
 
             module.COCOeval_opt = FasterCOCOeval

@@ -24,6 +24,7 @@ import pickle
 import numpy as np
 from scipy.spatial.distance import cdist
 
+from convert.files import atomic_open
 from transfer.densepose.structures import N_CHARTS
 
 OFFICIAL_FILES = ("SMPL_subdiv.mat", "SMPL_SUBDIV_TRANSFORM.mat", "Pdist_matrix.pkl")
@@ -144,14 +145,10 @@ def write_official_surface(folder, part_ids, u, v, positions):
         "SMPL_SUBDIV_TRANSFORM.mat": {"index": np.arange(1, n + 1, dtype=np.int32)[:, None]},
     }
     for name, arrays in files.items():
-        tmp = os.path.join(folder, name + ".tmp")
-        with open(tmp, "wb") as f:
+        with atomic_open(os.path.join(folder, name), "wb") as f:
             savemat(f, arrays)
-        os.replace(tmp, os.path.join(folder, name))
-    tmp = os.path.join(folder, "Pdist_matrix.pkl.tmp")
-    with open(tmp, "wb") as f:
+    with atomic_open(os.path.join(folder, "Pdist_matrix.pkl"), "wb") as f:
         pickle.dump({"Pdist_matrix": table}, f)
-    os.replace(tmp, os.path.join(folder, "Pdist_matrix.pkl"))
 
 
 def grid_surface(steps=3, chart_width=0.1):
