@@ -15,6 +15,7 @@ PROTOCOL = {"max_iter": 24000, "steps": [18000, 22000], "ims_per_batch": 16, "ba
             "warmup_iters": 100, "norm": "naiveSyncBN", "min_size_train": [480, 800],
             "min_size_test": 800, "num_gpus": 8, "scale": "full", "reference_world_size": 0}
 METRICS = ["bbox/AP50", "bbox/AP", "bbox/AP75"]
+PAPER_TABLE = "Table 2b: VOC, Faster R-CNN R50-C4"  # as the harness records it (run_dir.run_record)
 
 
 def write_run(root, weights, seed, metrics=None, state="complete", reason="", protocol=None,
@@ -22,7 +23,8 @@ def write_run(root, weights, seed, metrics=None, state="complete", reason="", pr
     d = os.path.join(root, task, weights, f"seed{seed}")
     os.makedirs(d, exist_ok=True)
     rec = {"task": task, "weights": weights, "seed": seed, "scale": "full", "state": state,
-           "protocol": protocol or PROTOCOL, "metrics_wanted": METRICS}
+           "protocol": protocol or PROTOCOL, "metrics_wanted": METRICS,
+           "paper_table": PAPER_TABLE}
     if state == "complete":
         rec["metrics"] = metrics
         with open(os.path.join(d, "results.json"), "w") as f:

@@ -286,15 +286,25 @@ def test_independent_rename_table_spot_checks():
 @pytest.mark.parametrize("task,prefix", [("voc_frcnn_c4_24k", ""),
                                          ("coco_mask_fpn_1x", "backbone.bottom_up."),
                                          ("voc_frcnn_dc5_24k", "backbone.bottom_up.")])
-def test_converted_moco_r50_fills_every_backbone_tensor(converted_r50, task, prefix):
+def test_converted_moco_r50_fills_every_backbone_tensor(converted_r50, task, prefix, monkeypatch):
     from transfer.trainer import Trainer
-    from transfer.weights import load_pretrained, pretrained_resnet_keys
+    from transfer.checkpoint import TransferCheckpointer, pretrained_resnet_keys
 
     path, source = converted_r50
     cfg = setup_cfg(task, path)
     assert cfg.INPUT.FORMAT == "RGB" and not cfg.MODEL.RESNETS.STRIDE_IN_1X1
     model = Trainer.build_model(cfg)
-    incompatible = load_pretrained(model, path)
+    # the .pkl setup_cfg read for its metadata is the one loaded: not unpickled a second time
+    from detectron2.checkpoint import detection_checkpoint
+
+    def no_second_read(*args, **kwargs):
+        raise AssertionError("the converted .pkl was unpickled twice")
+
+    monkeypatch.setattr(detection_checkpoint.pickle, "load", no_second_read)
+    checkpointer = TransferCheckpointer(model)
+    checkpointer.load(path, checkpointables=[])
+    monkeypatch.undo()
+    incompatible = checkpointer.incompatible
     keys = pretrained_resnet_keys(model)
     assert len(keys) == 265 and not incompatible.incorrect_shapes
     assert not set(keys) & set(incompatible.missing_keys)
@@ -313,7 +323,7 @@ def test_converted_moco_r50_fills_every_backbone_tensor(converted_r50, task, pre
 
 def test_weights_that_fit_nothing_are_refused(tmp_path):
     from transfer.trainer import Trainer
-    from transfer.weights import WeightsNotLoaded, load_pretrained
+    from transfer.checkpoint import TransferCheckpointer, WeightsNotLoaded
 
     bad = tmp_path / "empty.pkl"
     with open(bad, "wb") as f:
@@ -322,7 +332,12 @@ def test_weights_that_fit_nothing_are_refused(tmp_path):
     cfg = setup_cfg("voc_frcnn_c4_24k", "random")
     model = Trainer.build_model(cfg)
     with pytest.raises(WeightsNotLoaded, match="were not filled"):
-        load_pretrained(model, str(bad))
+        TransferCheckpointer(model).load(str(bad), checkpointables=[])
+    # evaluation-only goes through the same strict load
+    cfg = setup_cfg("voc_frcnn_c4_24k", "random", output=str(tmp_path / "run"),
+                    overrides=["MODEL.WEIGHTS", str(bad)])
+    with pytest.raises(WeightsNotLoaded, match="were not filled"):
+        Trainer.evaluate_saved(cfg)
 
 
 @pytest.mark.parametrize("task", known_tasks())

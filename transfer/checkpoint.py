@@ -48,6 +48,7 @@ class TransferCheckpointer(DetectionCheckpointer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._verified = {}  # path -> loaded content, read once by readable_checkpoint
+        self.incompatible = None  # the last load's missing/unexpected/wrong-shape keys
 
     # ------------------------------------------------------------ saving
     def save(self, name, **kwargs):
@@ -126,7 +127,7 @@ class TransferCheckpointer(DetectionCheckpointer):
         return super()._load_file(filename)
 
     def _load_model(self, checkpoint):
-        incompatible = super()._load_model(checkpoint)
+        incompatible = self.incompatible = super()._load_model(checkpoint)
         missing = set(incompatible.missing_keys)
         wrong = {k for k, *_ in incompatible.incorrect_shapes}
         resnet = pretrained_resnet_keys(self.model)
