@@ -229,6 +229,57 @@ def test_coco_tasks_train_and_evaluate(moco_pkl, tmp_path, task, metrics):
         assert_reported_equals(res["metrics"], iou_type, reference)
 
 
+def test_coco_reported_ap_is_pycocotools_on_non_trivial_detections(tmp_path, monkeypatch):
+    """The smoke runs above detect nothing right (AP 0 or NaN), which a scaled or swapped
+    metric would not change. Here an evaluation-only run's model answers with jittered copies
+    of the ground-truth boxes, false positives and random scores (no network involved), and
+    the AP in results.json, through the harness's evaluator and record, must be pycocotools'
+    on the detections it dumped, strictly between 0 and 100."""
+    import numpy as np
+    from detectron2.data import DatasetCatalog
+    from detectron2.modeling import GeneralizedRCNN
+    from detectron2.structures import Boxes, Instances
+
+    from transfer.train_net import run
+
+    records = {r["image_id"]: r for r in DatasetCatalog.get("coco_2017_val")}
+    rng = np.random.default_rng(0)
+
+    def answer(self, batched_inputs, detected_instances=None, do_postprocess=True):
+        out = []
+        for x in batched_inputs:
+            r = records[x["image_id"]]
+            h, w = r["height"], r["width"]
+            boxes = [a["bbox"] for a in r["annotations"] if not a.get("iscrowd", 0)]
+            classes = [a["category_id"] for a in r["annotations"] if not a.get("iscrowd", 0)]
+            boxes = [[bx + dx, by + dy, bx + bw * sw, by + bh * sh]
+                     for (bx, by, bw, bh), (dx, dy, sw, sh) in zip(
+                         boxes, rng.uniform([-8, -8, 0.8, 0.8], [8, 8, 1.2, 1.2],
+                                            (len(boxes), 4)))]
+            boxes += [[w * 0.1, h * 0.1, w * 0.4, h * 0.5]] * 2  # false positives
+            classes += [0, 17]
+            inst = Instances((h, w), pred_boxes=Boxes(torch.tensor(boxes).reshape(-1, 4)),
+                             scores=torch.tensor(rng.uniform(0.05, 1, len(boxes)),
+                                                 dtype=torch.float32),
+                             pred_classes=torch.tensor(classes, dtype=torch.int64))
+            out.append({"instances": inst})
+        return out
+
+    monkeypatch.setattr(GeneralizedRCNN, "inference", answer)
+    run(["--task", "coco_mask_fpn_1x", "--weights", "random", "--scale", "smoke",
+         "--runs", str(tmp_path), "--eval-only"])
+    out = os.path.join(tmp_path, "coco_mask_fpn_1x@smoke", "random", "seed0")
+    res = read(out, "results.json")
+    assert res["state"] == "complete"
+    with open(os.path.join(out, "inference", "coco_2017_val", "coco_instances_results.json")) as f:
+        detections = json.load(f)
+    assert len(detections) == sum(
+        2 + sum(not a.get("iscrowd", 0) for a in r["annotations"]) for r in records.values())
+    reference = pycocotools_metrics(json_file_of("coco_2017_val"), detections, "bbox")
+    assert 10 < reference["AP"] < 90 and 10 < reference["AP50"] < 100, reference
+    assert_reported_equals(res["metrics"], "bbox", reference)
+
+
 def test_lvis_evaluation_runs(tmp_path):
     from transfer.train_net import run
 
