@@ -350,6 +350,63 @@ def test_cityscapes_instance_task_on_generated_fixture(dataset_root, tmp_path, m
     assert mine == pytest.approx(cityscapesscripts_metrics(made_exact), rel=1e-9)
 
 
+
+def test_cityscapes_reported_ap_on_non_trivial_detections(dataset_root, tmp_path, monkeypatch):
+    """The smoke run's AP is 0 (random weights match nothing), which a scaled or swapped metric
+    would not change. Here an evaluation-only run's model answers the ground-truth masks, some
+    shifted, with random scores, and false positives: the reported AP is the recomputation
+    from the matches file, strictly inside (0, 100)."""
+    import numpy as np
+    from detectron2.data import DatasetCatalog
+    from detectron2.modeling import GeneralizedRCNN
+    from detectron2.structures import Instances
+    from pycocotools import mask as mask_util
+
+    from tests.fixtures import write_cityscapes
+    from transfer.train_net import run
+
+    write_cityscapes(dataset_root)
+    name = "cityscapes_fine_instance_seg_val"
+    records = {r["file_name"]: r for r in DatasetCatalog.get(name)}
+    rng = np.random.default_rng(0)
+
+    def answer(self, batched_inputs, detected_instances=None, do_postprocess=True):
+        out = []
+        for x in batched_inputs:
+            r = records[x["file_name"]]
+            h, w = r["height"], r["width"]
+            masks, classes = [], []
+            for a in r["annotations"]:
+                m = mask_util.decode(mask_util.merge(mask_util.frPyObjects(
+                    a["segmentation"], h, w))).astype(bool)
+                masks.append(np.roll(m, int(rng.integers(0, 12)), axis=1))  # IoU 1 to ~0.6
+                classes.append(a["category_id"])
+            fp = np.zeros((h, w), bool)
+            fp[5:40, 5:60] = True  # on the sky: a false positive of every class
+            masks += [fp] * 3
+            classes += [0, 1, 2]
+            out.append({"instances": Instances(
+                (h, w), pred_masks=torch.tensor(np.stack(masks)),
+                pred_classes=torch.tensor(classes, dtype=torch.int64),
+                scores=torch.tensor(rng.uniform(0.1, 1, len(masks)), dtype=torch.float32))})
+        return out
+
+    monkeypatch.setattr(GeneralizedRCNN, "inference", answer)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    run(["--task", "cityscapes_mask_fpn_24k", "--weights", "random", "--scale", "smoke",
+         "--runs", str(tmp_path), "--eval-only"])
+    out = os.path.join(tmp_path, "cityscapes_mask_fpn_24k@smoke", "random", "seed0")
+    res = read(out, "results.json")
+    with open(os.path.join(out, "inference", name, "cityscapes_instance_matches.json")) as f:
+        matches = json.load(f)
+    assert len(matches) == len(records)
+    reference = cityscapes_metrics(matches)
+    assert 0 < reference["AP"] < 100 and 0 < reference["AP50"] < 100, reference
+    assert_reported_equals(res["metrics"], "segm", reference)
+
+
 def exact_best_matches(matches):
     """A copy of `matches` where, on every image, the most confident prediction overlapping
     each ground-truth instance covers exactly that instance's pixels."""
