@@ -564,3 +564,60 @@ def test_densepose_smoke_training_lowers_loss_infers_and_evaluates(dp_root, tmp_
         for name, value in values.items():
             assert res["metrics"][f"{group}/{name}"] == pytest.approx(value, abs=1e-9,
                                                                        nan_ok=True), name
+
+
+def test_densepose_reported_metrics_are_the_evaluators_on_non_trivial_detections(
+        dp_root, tmp_path, monkeypatch):
+    """The smoke run above detects little (AP near 0), which a scaled or swapped metric would not
+    change. Here an evaluation-only run's model is given jittered ground-truth boxes with random
+    scores, and false positives (its heads predict masks and IUV for them): every reported
+    metric must be the evaluator's on the results it saved, with box AP strictly inside
+    (0, 100)."""
+    from detectron2.data import DatasetCatalog
+    from detectron2.modeling import GeneralizedRCNN
+    from detectron2.structures import Boxes, Instances
+
+    from transfer.train_net import run
+
+    task = "coco_densepose_fpn_s1x"
+    records = {r["image_id"]: r for r in DatasetCatalog.get("densepose_coco_2014_minival")}
+    rng = np.random.default_rng(0)
+    inference = GeneralizedRCNN.inference
+
+    def given_boxes(self, batched_inputs, detected_instances=None, do_postprocess=True):
+        given = []
+        for x in batched_inputs:
+            r = records[x["image_id"]]
+            scale = x["image"].shape[-2] / r["height"]
+            boxes = [[bx, by, bx + bw, by + bh] for bx, by, bw, bh in
+                     (a["bbox"] for a in r["annotations"] if not a.get("iscrowd", 0))]
+            boxes = np.array(boxes + [[0, 0, r["width"] / 3, r["height"] / 3]], np.float32)
+            boxes = (boxes + rng.uniform(-4, 4, boxes.shape)) * scale
+            given.append(Instances(
+                tuple(x["image"].shape[-2:]), pred_boxes=Boxes(torch.tensor(boxes)),
+                scores=torch.tensor(rng.uniform(0.1, 1, len(boxes)), dtype=torch.float32),
+                pred_classes=torch.zeros(len(boxes), dtype=torch.int64)))
+        return inference(self, batched_inputs, given, do_postprocess)
+
+    monkeypatch.setattr(GeneralizedRCNN, "inference", given_boxes)
+    run(["--task", task, "--weights", "random", "--scale", "smoke", "--runs", str(tmp_path),
+         "--eval-only"])
+    out = os.path.join(tmp_path, f"{task}@smoke", "random", "seed0")
+    with open(os.path.join(out, "results.json")) as f:
+        res = json.load(f)
+    with open(os.path.join(out, "inference", "densepose_coco_2014_minival",
+                           "densepose_results.json")) as f:
+        dets = json.load(f)
+    assert len(dets) == sum(1 + sum(not a.get("iscrowd", 0) for a in r["annotations"])
+                            for r in records.values())
+    with open(os.path.join(dp_root, "coco", "annotations", "densepose_minival2014.json")) as f:
+        dataset = json.load(f)
+    surface, _ = resolve_geodesics(os.path.join(dp_root, "densepose"))
+    again = evaluate_densepose(dataset, dets, surface)
+    assert set(again) == {"bbox", "segm", "densepose", "densepose_gpsm"}
+    assert 10 < again["bbox"]["AP"] < 100, again["bbox"]
+    flat = {f"{group}/{name}": value for group, values in again.items()
+            for name, value in values.items()}
+    assert set(res["metrics"]) == set(flat)
+    for key, value in flat.items():
+        assert res["metrics"][key] == pytest.approx(value, abs=1e-9, nan_ok=True), key
