@@ -37,6 +37,19 @@ def test_plain_detectron2_imports_work_in_the_environment(tmp_path):
     assert out.stdout.strip() == "['transfer', 'transfer.d2', 'transfer.fast_eval']"
 
 
+def test_the_hook_imports_no_detectron2_at_start_up(tmp_path):
+    """The .pth hook only installs a finder: detectron2 (and its dataset registration, which
+    reads DETECTRON2_DATASETS when detectron2.data is imported) loads when a program asks."""
+    out = _fresh_python("""
+        import sys
+        from transfer.d2 import StandInFinder
+        assert any(isinstance(f, StandInFinder) for f in sys.meta_path)
+        print(sorted(m for m in sys.modules if m.split(".")[0] in ("detectron2", "torch")))
+    """, tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
 def test_stand_in_raises_a_clear_error_for_a_compiled_only_op():
     import detectron2._C as C
     from detectron2.layers.rotated_boxes import pairwise_iou_rotated

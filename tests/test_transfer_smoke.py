@@ -362,7 +362,7 @@ def test_cityscapes_reported_ap_on_non_trivial_detections(dataset_root, tmp_path
     from detectron2.structures import Instances
     from pycocotools import mask as mask_util
 
-    from tests.fixtures import write_cityscapes
+    from tools.fixtures.cityscapes_voc import write_cityscapes
     from transfer.train_net import run
 
     write_cityscapes(dataset_root)
