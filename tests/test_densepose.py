@@ -2,6 +2,7 @@
 mapper, the losses, GPS on a mesh with exact geodesics, the evaluator against the official
 one's numbers (densepose_golden), the legacy s1x config, training, inference and evaluation."""
 import json
+import logging
 import math
 import os
 import pickle
@@ -112,8 +113,15 @@ def test_flip_without_symmetry_file_is_disabled(dp_root, tmp_path, caplog):
 
     cfg = setup_cfg("coco_densepose_fpn_s1x", "random", scale="smoke",
                     overrides=["DENSEPOSE.DATA", str(tmp_path)])
-    with caplog.at_level("WARNING"):
-        mapper = DensePoseDatasetMapper(cfg, True)
+    # the handler on the logger itself: a training run earlier in this process (detectron2's
+    # setup_logger for "transfer") stops propagation to the root logger caplog listens on
+    log = logging.getLogger("transfer.densepose.data")
+    log.addHandler(caplog.handler)
+    try:
+        with caplog.at_level("WARNING", logger="transfer.densepose.data"):
+            mapper = DensePoseDatasetMapper(cfg, True)
+    finally:
+        log.removeHandler(caplog.handler)
     assert "RandomFlip" not in repr(mapper.augmentations)
     assert "UV_symmetry_transforms.mat" in caplog.text
     cfg = setup_cfg("coco_densepose_fpn_s1x", "random", scale="smoke")  # fixture has it
