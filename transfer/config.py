@@ -190,6 +190,9 @@ def setup_cfg(task, weights="random", seed=0, scale="full", overrides=(), output
     if not torch.cuda.is_available():
         cfg.MODEL.DEVICE = "cpu"
     cfg.OUTPUT_DIR = output or run_dir(runs_root, task, name, seed, scale)
+    from transfer.speed import apply_speed_defaults
+
+    apply_speed_defaults(cfg)  # before the overrides: DATALOADER.NUM_WORKERS N still wins
     apply_overrides(cfg, overrides)
     cfg.freeze()
     return cfg

@@ -34,6 +34,7 @@ from fvcore.nn.precise_bn import get_bn_modules  # noqa: E402
 
 from pretrain.engine import write_text_atomic  # noqa: E402
 from transfer import datasets, sampling  # noqa: E402
+from transfer import speed  # noqa: E402
 from transfer.checkpoint import AtomicCheckpointer  # noqa: E402
 from transfer.config import setup_cfg  # noqa: E402
 from transfer.fast_eval import FasterLVISEvaluator  # noqa: E402
@@ -115,6 +116,10 @@ class SyncedPreciseBN(hooks.PreciseBN):
 
 class Trainer(DefaultTrainer):
     @classmethod
+    def build_optimizer(cls, cfg, model):
+        return speed.foreach_sgd(super().build_optimizer(cfg, model))
+
+    @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         out = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
         et = MetadataCatalog.get(dataset_name).get("evaluator_type", "")
@@ -159,7 +164,8 @@ class Trainer(DefaultTrainer):
         hook_list = [sampling.SeedEachIteration(self.cfg.SEED)] + super().build_hooks()
         for i, h in enumerate(hook_list):
             if type(h) is hooks.PeriodicWriter and self.cfg.MOCO_TRANSFER.SCALE != "full":
-                hook_list[i] = hooks.PeriodicWriter(self.build_writers(), period=1)  # short runs
+                hook_list[i] = hooks.PeriodicWriter(self.build_writers(),
+                                                    period=speed.writer_period(self.cfg))
             if type(h) is hooks.PreciseBN:  # same period/model, synced statistics
                 hook_list[i] = SyncedPreciseBN(
                     self.cfg.TEST.EVAL_PERIOD, self.model,
