@@ -34,7 +34,7 @@ from fvcore.nn.precise_bn import get_bn_modules  # noqa: E402
 
 from pretrain.engine import write_text_atomic  # noqa: E402
 from transfer import datasets, sampling  # noqa: E402
-from transfer import speed  # noqa: E402
+from transfer import console, speed  # noqa: E402
 from transfer.checkpoint import AtomicCheckpointer  # noqa: E402
 from transfer.config import setup_cfg  # noqa: E402
 from transfer.fast_eval import FasterLVISEvaluator  # noqa: E402
@@ -171,7 +171,7 @@ class Trainer(DefaultTrainer):
                     self.cfg.TEST.EVAL_PERIOD, self.model,
                     self.build_train_loader(self.cfg, sampling.PRECISE_BN, num_workers=0),
                     self.cfg.TEST.PRECISE_BN.NUM_ITER)
-        return hook_list
+        return hook_list + console.progress_hooks(self.cfg)
 
     def state_dict(self):
         """detectron2 v0.6 checkpoints the iteration and the scheduler only: add the optimizer
@@ -274,6 +274,7 @@ def main(args):
     default_setup(cfg, args)
     # this project's messages (checkpoint fallback, sampling) in the run's log.txt too
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="transfer")
+    console.quiet_run(cfg)  # quiet console: logs to the run's files, a progress bar
     status_path = os.path.join(cfg.OUTPUT_DIR, "status.json")
     if comm.is_main_process():
         write_json_atomic(run_record(cfg, state="running", started=time.time()), status_path)
