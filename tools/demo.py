@@ -103,6 +103,15 @@ def random_moco_checkpoint(reference, path, seed=12345):
     return path
 
 
+def finished(ckpt, epochs):
+    """Whether a pretraining checkpoint exists and has trained all `epochs`."""
+    if not os.path.isfile(ckpt):
+        return False
+    import torch
+
+    return torch.load(ckpt, map_location="cpu", weights_only=False).get("epoch", 0) >= epochs
+
+
 def convert(src, dst, log_path):
     from convert.to_detectron2 import main as convert_main
     from transfer.console import quiet_stdout
@@ -165,10 +174,12 @@ def main(argv=None):
     sup_args.arch, sup_args.batch_size = moco_args.arch, moco_args.batch_size
     sup_args.image_size, sup_args.workers = moco_args.image_size, moco_args.workers
     say(f"3/6 supervised baseline on the labelled crops ({sup_args.epochs} epochs)")
-    with pretrain_console("supervised pretraining", quiet), \
-            console.quiet_stdout(os.path.join(logs, "supervised.txt")) if quiet else \
-            contextlib.nullcontext():
-        sup_ckpt = main_supervised.main(sup_args)
+    sup_ckpt = os.path.join(sup_args.output, "checkpoint_last.pth.tar")
+    if not finished(sup_ckpt, sup_args.epochs):  # a finished one is reused (a second demo)
+        with pretrain_console("supervised pretraining", quiet), \
+                console.quiet_stdout(os.path.join(logs, "supervised.txt")) if quiet else \
+                contextlib.nullcontext():
+            sup_ckpt = main_supervised.main(sup_args)
 
     weights_dir = os.path.join(out, "weights")
     os.makedirs(weights_dir, exist_ok=True)
