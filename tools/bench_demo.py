@@ -37,9 +37,9 @@ VARIANTS = {
 
 def _child(args):
     """One process: time args.iters iterations of one variant; print JSON on the last line."""
-    import torch
+    from transfer import speed, train_net  # first: transfer/__init__.py sets OpenMP's policy
 
-    from transfer import speed, train_net
+    import torch
     from transfer.config import setup_cfg
     from detectron2.engine import hooks
     from detectron2.utils.events import EventStorage

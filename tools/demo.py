@@ -208,7 +208,8 @@ def main(argv=None):
     from results.suite import main as suite_main
 
     rc = suite_main(["--tasks", DEMO_TASK,
-                     "--weights", f"moco={moco_pkl} supervised={sup_pkl} random",
+                     # MoCo and random first: the comparison the demo is about
+                     "--weights", f"moco={moco_pkl} random supervised={sup_pkl}",
                      "--seeds", str(args.seeds), "--scale", "smoke", "--runs", runs,
                      "SOLVER.MAX_ITER", str(iters),
                      "SOLVER.IMS_PER_BATCH", str(FINETUNE["batch"]),
