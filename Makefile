@@ -14,6 +14,9 @@ VERSION    ?= v2
 EPOCHS     ?=
 BATCH_SIZE ?=
 ARGS       ?=
+# V=1: full logs on the terminal (make demo/transfer/suite show one progress bar per stage)
+V          ?=
+export MOCO_TRANSFER_VERBOSE := $(V)
 # conversion
 CKPT ?=
 # transfer
@@ -29,7 +32,7 @@ SEEDS ?= 1
 RUNS  ?= runs
 OUT   ?= results/out
 
-.PHONY: help setup doctor test bench bench-tasks pretrain lincls supervised convert transfer densepose-fixture tasks suite results demo clean
+.PHONY: help setup doctor test bench bench-tasks pretrain lincls supervised convert transfer densepose-fixture tasks suite results demo bench-demo clean
 
 # List the targets and the transfer tasks.
 help: $(STAMP)
@@ -105,9 +108,13 @@ suite: $(STAMP)
 results: $(STAMP)
 	$(PYTHON) -m results --runs $(RUNS) --out $(OUT) $(ARGS)
 
-# The whole pipeline on generated data, on a CPU, in minutes.
+# The whole pipeline on generated data, on a CPU, in minutes (CONTROL=1: MoCo weights -> random).
 demo: $(STAMP)
-	$(PYTHON) -m tools.demo $(ARGS)
+	$(PYTHON) -m tools.demo $(if $(CONTROL),--control-random-moco) $(ARGS)
+
+# Before/after speed of one demo fine-tuning iteration, side by side -> BENCHMARKS.md.
+bench-demo: $(STAMP)
+	$(PYTHON) -m tools.bench_demo --out BENCHMARKS.md $(ARGS)
 
 clean:
 	rm -rf $(VENV) demo_out

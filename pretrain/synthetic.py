@@ -21,7 +21,11 @@ CLASSES = ["disc", "square", "triangle", "star"]
 KEYPOINT_CLASS = "square"
 KEYPOINT_NAMES = ["top_left", "top_right", "bottom_right", "bottom_left"]
 KEYPOINT_FLIP_MAP = [("top_left", "top_right"), ("bottom_left", "bottom_right")]
-VERSION = 1  # bump when the generator changes: invalidates caches
+VERSION = 2  # bump when the generator changes: invalidates caches
+# Backgrounds are low-contrast (the texture blended into grey): what tells two scenes apart is
+# then their objects, not the colour of the background, so contrastive pretraining (MoCo's
+# instance discrimination) has to learn the objects' features to tell the scenes apart.
+BACKGROUND_CONTRAST = 0.35
 
 
 def _texture(rng, h, w, scale):
@@ -61,7 +65,9 @@ def _paint_object(img, rng, cls, poly):
 
 
 def make_scene(rng, size, max_objects=4):
-    img = _texture(rng, size, size, scale=int(rng.integers(8, 32)))
+    img = Image.blend(Image.new("RGB", (size, size), (128, 128, 128)),
+                      _texture(rng, size, size, scale=int(rng.integers(8, 32))),
+                      BACKGROUND_CONTRAST)
     objects = []
     for _ in range(int(rng.integers(1, max_objects + 1))):
         cls = CLASSES[int(rng.integers(len(CLASSES)))]
@@ -155,8 +161,15 @@ def _write_voc(voc_root, coco_dir, split_data):
             f.write("\n".join(ids) + "\n")
 
 
-def generate(root, seed=0, n_unlabeled=512, n_labeled_per_class=64, n_train=64, n_val=32,
-             size=128, quiet=False):
+# The sizes `make demo` needs (tools/demo.py): enough unlabelled scenes for MoCo, a low-data
+# detection task (few labelled training scenes, as in the paper's VOC07-only table) and a
+# validation split large enough for a stable AP.
+DEFAULTS = dict(n_unlabeled=1024, n_labeled_per_class=64, n_train=32, n_val=96)
+
+
+def generate(root, seed=0, n_unlabeled=DEFAULTS["n_unlabeled"],
+             n_labeled_per_class=DEFAULTS["n_labeled_per_class"], n_train=DEFAULTS["n_train"],
+             n_val=DEFAULTS["n_val"], size=128, quiet=False):
     """Generate (or reuse) the synthetic dataset under `root`; returns `root`."""
     params = dict(version=VERSION, seed=seed, n_unlabeled=n_unlabeled,
                   n_labeled_per_class=n_labeled_per_class, n_train=n_train, n_val=n_val,
@@ -166,6 +179,10 @@ def generate(root, seed=0, n_unlabeled=512, n_labeled_per_class=64, n_train=64, 
         with open(stamp) as f:
             if json.load(f) == params:
                 return root
+        # other sizes: start over (stale scenes or COCO splits must not survive)
+        for sub in ("unlabeled", "labeled", "coco", "VOCdevkit"):
+            shutil.rmtree(os.path.join(root, sub), ignore_errors=True)
+        os.remove(stamp)
     if not quiet:
         print(f"[synthetic] generating the embedded dataset under {root} (seed {seed})")
     rng = np.random.default_rng(seed)
@@ -177,7 +194,9 @@ def generate(root, seed=0, n_unlabeled=512, n_labeled_per_class=64, n_train=64, 
         d = os.path.join(root, "labeled", cls)
         os.makedirs(d, exist_ok=True)
         for i in range(n_labeled_per_class):
-            img = _texture(rng, size // 2, size // 2, scale=int(rng.integers(8, 32)))
+            img = Image.blend(Image.new("RGB", (size // 2, size // 2), (128, 128, 128)),
+                              _texture(rng, size // 2, size // 2, scale=int(rng.integers(8, 32))),
+                              BACKGROUND_CONTRAST)
             r = rng.uniform(size * 0.1, size * 0.18)
             poly = _polygon(cls, size / 4 + rng.uniform(-4, 4), size / 4 + rng.uniform(-4, 4), r,
                             rng.uniform(0, 2 * math.pi))

@@ -6,13 +6,21 @@ import pickle
 
 from results.collect import collect
 
+TASK_DIR = "synthetic_frcnn_fpn_1k@smoke"
 
-def test_demo_pipeline_small(tmp_path, monkeypatch):
+
+def test_demo_pipeline_small(tmp_path, monkeypatch, capsys):
     from tools import demo
 
     monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MOCO_TRANSFER_VERBOSE", raising=False)
     out = tmp_path / "demo_out"
     assert demo.main(["--out", str(out), "--small", "--seeds", "2"]) == 0
+    console = capsys.readouterr()
+    # the quiet console: stage lines, the table and the p-values; the logs went to files
+    assert len(console.out.splitlines()) < 100, console.out
+    assert "Welch two-sided p-values on bbox/AP" in console.out
+    assert "| moco" in console.out and "GeneralizedRCNN(" not in console.out
     runs = collect(str(out / "runs"))
     assert sorted(runs["weights"]) == ["moco", "moco", "random", "random",
                                        "supervised", "supervised"]
@@ -31,9 +39,27 @@ def test_demo_pipeline_small(tmp_path, monkeypatch):
         with open(out / "weights" / f"{name}.pkl", "rb") as f:
             assert pickle.load(f)["moco_transfer"]["sha256"] == digest
         for seed in (0, 1):
-            with open(out / "runs" / "synthetic_mask_fpn_1k@smoke" / name / f"seed{seed}" /
-                      "results.json") as f:
+            run = out / "runs" / TASK_DIR / name / f"seed{seed}"
+            with open(run / "results.json") as f:
                 rec = json.load(f)
             assert rec["weights_sha256"] == digest, (name, seed)
             assert rec["weights_file"] == os.path.abspath(out / "weights" / f"{name}.pkl")
+            log = (run / "log.txt").read_text()  # the model printout went to the run's log
+            assert "GeneralizedRCNN(" in log
     assert sources["moco"].read_bytes() != sources["supervised"].read_bytes()
+
+    # the control's weights: random init in the MoCo checkpoint format, converted the same way,
+    # give a .pkl with the same keys, shapes and metadata fields but other values
+    from tools.demo import convert, random_moco_checkpoint
+
+    fake = random_moco_checkpoint(str(ck), str(tmp_path / "random_moco.pth.tar"))
+    convert(fake, str(tmp_path / "control.pkl"), str(tmp_path / "convert.txt"))
+    with open(out / "weights" / "moco.pkl", "rb") as f:
+        real = pickle.load(f)
+    with open(tmp_path / "control.pkl", "rb") as f:
+        ctrl = pickle.load(f)
+    assert set(real["model"]) == set(ctrl["model"])
+    assert all(real["model"][k].shape == ctrl["model"][k].shape for k in real["model"])
+    assert set(real["moco_transfer"]) == set(ctrl["moco_transfer"])
+    assert real["moco_transfer"]["normalization"] == ctrl["moco_transfer"]["normalization"]
+    assert not (real["model"]["res2.0.conv1.weight"] == ctrl["model"]["res2.0.conv1.weight"]).all()

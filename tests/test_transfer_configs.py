@@ -54,6 +54,7 @@ NOT_IN_PROTOCOL_TABLE = {
     "cityscapes_semseg_fcn_90k": "semantic segmentation, checked in tests/test_semseg.py",
     # the demo on generated shapes (make demo): not a paper table; tests/test_demo.py runs it
     "synthetic_mask_fpn_1k": "embedded demo task, not a paper table",
+    "synthetic_frcnn_fpn_1k": "the make-demo task (low-data, CPU-sized), not a paper table",
 }
 
 

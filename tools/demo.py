@@ -1,94 +1,275 @@
-"""`make demo`: the whole pipeline on generated data, on a CPU, in minutes.
+"""`make demo`: the whole pipeline on generated data, on a CPU, in minutes, with a result that
+means something: MoCo-pretrained weights against random init (and the supervised baseline) on a
+low-data detection task, several seeds each, compared with Welch's t-test.
 
-generate data -> MoCo pretraining -> supervised baseline (same budget) -> convert both ->
-transfer (MoCo, supervised, random init; 2 seeds each; smoke scale) -> results table + report.
+generate data -> MoCo v2 pretraining (unlabelled scenes) -> supervised baseline (labelled
+crops, same budget) -> convert both -> fine-tune Faster R-CNN R18-FPN on a few labelled scenes
+(synthetic_frcnn_fpn_1k at smoke scale: MoCo / supervised / random init x 3 seeds) ->
+results tables (mean +- std, deltas, Welch p-values) + report.
 
-    python -m tools.demo [--out demo_out] [--iters 100] [--seeds 2] [--small]
+    python -m tools.demo [--out demo_out] [--seeds 3] [--iters N] [--epochs N] [--small] [-v]
+    python -m tools.demo --control-random-moco   # the control: MoCo weights replaced by random
 
-Everything is synthetic and small: the numbers show that the pipeline works and how it reports,
-not how MoCo transfers. Whatever they are, the table reports them as measured.
+The console shows one progress bar per stage; every log goes to files under --out (`-v` or
+MOCO_TRANSFER_VERBOSE=1 prints them instead). Whatever the numbers are, the table reports them
+as measured.
+
+The control (not run in CI) writes randomly initialised ResNet weights in the MoCo checkpoint
+format, converts them with the same converter into the same .pkl format (same keys, same
+metadata) and runs the same comparison under <out>/control: with the pretrained weights gone,
+the MoCo gain must disappear, which shows the comparison would catch a broken chain.
 """
 import argparse
+import contextlib
 import os
 import sys
 import time
 
-from pretrain import main_moco, main_supervised, synthetic
+# pretrain and transfer first: they set the OpenMP wait policy before torch loads OpenMP
+from pretrain import engine, main_moco, main_supervised, synthetic
+from transfer import console
+from transfer.console import quiet_stdout
+from transfer.datasets import dataset_root
+
+import torch
+import torchvision
+
+from convert.to_detectron2 import main as convert_main
+from results.__main__ import main as results_main
+from results.collect import collect
+from results.tables import welch_p
+from tools.suite import main as suite_main
+
+DEMO_TASK = "synthetic_frcnn_fpn_1k"
+# fine-tuning schedule of the demo (smoke scale of DEMO_TASK, these overrides last)
+FINETUNE = dict(iters=150, batch=4, lr=0.01)
+SMALL = dict(epochs=1, iters=12, sup_epochs=1)  # --small (CI): the pipeline, not the result
 
 
-def log(msg):
-    print(f"\n[demo] {msg}", flush=True)
+def say(msg):
+    print(f"[demo] {msg}", flush=True)
+
+
+@contextlib.contextmanager
+def pretrain_console(desc, quiet):
+    """pretrain's loop (engine.Progress) drives one tqdm bar; its log goes to its log.txt."""
+    if not quiet:
+        yield
+        return
+    orig_setup, orig_init, orig_step, orig_close = (
+        engine.setup_logging, engine.Progress.__init__, engine.Progress.step,
+        engine.Progress.close)
+    state = {}
+
+    def setup_logging(output_dir, rank):
+        orig_setup(output_dir, rank)
+        console.route_logs_to_files(None, names=("",))
+
+    def init(self, output_dir, total_iters, start_iter, rank, print_freq=10):
+        orig_init(self, output_dir, total_iters, start_iter, rank, print_freq)
+        state["bar"] = console.bar(total_iters, desc, start_iter)
+
+    def step(self, it, epoch, batch_images, **metrics):
+        orig_step(self, it, epoch, batch_images, **metrics)
+        b = state.get("bar")
+        if b is not None:
+            b.update(it + 1 - b.n)
+            if "loss" in metrics and (it + 1) % 5 == 0:
+                b.set_postfix_str(f"loss {metrics['loss']:.3f}", refresh=False)
+
+    def close(self):
+        orig_close(self)
+        if state.get("bar") is not None:
+            state.pop("bar").close()
+
+    engine.setup_logging, engine.Progress.__init__ = setup_logging, init
+    engine.Progress.step, engine.Progress.close = step, close
+    try:
+        yield
+    finally:
+        engine.setup_logging, engine.Progress.__init__ = orig_setup, orig_init
+        engine.Progress.step, engine.Progress.close = orig_step, orig_close
+
+
+def random_moco_checkpoint(reference, path, seed=12345):
+    """A MoCo-format checkpoint (the keys, arch and layout of `reference`) whose encoder
+    weights are a fresh random initialisation: the control's stand-in for a broken chain."""
+    ref = torch.load(reference, map_location="cpu", weights_only=False)
+    torch.manual_seed(seed)
+    rnd = getattr(torchvision.models, ref["arch"])().state_dict()
+    state = {}
+    for k, v in ref["state_dict"].items():
+        for enc in ("module.encoder_q.", "module.encoder_k."):
+            if k.startswith(enc) and k[len(enc):] in rnd and \
+                    rnd[k[len(enc):]].shape == v.shape:
+                v = rnd[k[len(enc):]].clone()
+        state[k] = v
+    ckpt = dict(ref, state_dict=state, control="random init written in the MoCo format")
+    ckpt.pop("optimizer", None)
+    engine.save_atomic(ckpt, path)
+    return path
+
+
+def finished(ckpt, epochs):
+    """Whether a pretraining checkpoint exists and has trained all `epochs`."""
+    if not os.path.isfile(ckpt):
+        return False
+
+    return torch.load(ckpt, map_location="cpu", weights_only=False).get("epoch", 0) >= epochs
+
+
+def convert(src, dst, log_path):
+
+    with quiet_stdout(log_path):
+        if convert_main([src, dst]) != 0:
+            raise SystemExit(f"conversion of {src} failed; see {log_path}")
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="demo_out")
-    p.add_argument("--iters", type=int, default=100, help="transfer iterations per run")
-    p.add_argument("--seeds", type=int, default=2)
-    p.add_argument("--small", action="store_true", help="an even smaller run (CI)")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--iters", type=int, default=None, help="fine-tuning iterations per run")
+    p.add_argument("--epochs", type=int, default=None, help="MoCo pretraining epochs")
+    p.add_argument("--small", action="store_true", help="a much smaller run (CI)")
+    p.add_argument("--control-random-moco", action="store_true",
+                   help="replace the converted MoCo weights by random init in the same format")
+    p.add_argument("-v", "--verbose", action="store_true", help="full logs on the terminal")
     args = p.parse_args(argv)
-    t0 = time.time()
-    from transfer.datasets import dataset_root
+    if args.verbose:
+        os.environ["MOCO_TRANSFER_VERBOSE"] = "1"
+    os.environ.setdefault("MOCO_TRANSFER_QUIET", "1")
 
+    quiet = console.quiet()
+    t0, c0 = time.time(), os.times()
+
+    out = os.path.abspath(args.out)
+    logs = os.path.join(out, "logs")
+    os.makedirs(logs, exist_ok=True)
     root = os.path.join(dataset_root(), "synthetic")
-    log(f"1/6 data: generating (or reusing) the synthetic dataset under {root}")
-    synthetic.generate(root)
+    say(f"1/6 data: synthetic shapes under {root} ({synthetic.DEFAULTS['n_unlabeled']} "
+        f"unlabelled scenes, {synthetic.DEFAULTS['n_train']} labelled training scenes, "
+        f"{synthetic.DEFAULTS['n_val']} val)")
+    synthetic.generate(root, quiet=True)
 
-    log("2/6 MoCo v2 pretraining (embedded default: ResNet-18, 64 px)")
     moco_args = main_moco.get_args_parser().parse_args([])
     moco_args.data = os.path.join(root, "unlabeled")
-    moco_args.output = os.path.join(args.out, "pretrain", "moco")
+    moco_args.output = os.path.join(out, "pretrain", "moco")
     for k, v in main_moco.EMBEDDED_DEFAULTS.items():
         setattr(moco_args, k, v)
-    moco_args.print_freq = 8
+    if args.epochs:
+        moco_args.epochs = args.epochs
     if args.small:
-        moco_args.epochs, moco_args.schedule = 2, [1]
+        moco_args.epochs = SMALL["epochs"]
+    moco_args.print_freq = 8
     moco_args.embedded = True
-    moco_ckpt = main_moco.main(moco_args)
+    say(f"2/6 MoCo v2 pretraining: {moco_args.arch}, {moco_args.image_size} px, "
+        f"{moco_args.epochs} epochs (log: {moco_args.output}/log.txt)")
+    with pretrain_console("MoCo pretraining", quiet):
+        moco_ckpt = main_moco.main(moco_args)
 
-    log("3/6 supervised baseline on the labeled folder, same budget")
     sup_args = main_supervised.get_args_parser().parse_args([])
     sup_args.data = os.path.join(root, "labeled")
-    sup_args.output = os.path.join(args.out, "pretrain", "supervised")
-    sup_args.epochs = moco_args.epochs
+    sup_args.output = os.path.join(out, "pretrain", "supervised")
+    sup_args.epochs = SMALL["sup_epochs"] if args.small else main_moco.EMBEDDED_SUPERVISED_EPOCHS
     sup_args.arch, sup_args.batch_size = moco_args.arch, moco_args.batch_size
     sup_args.image_size, sup_args.workers = moco_args.image_size, moco_args.workers
-    sup_ckpt = main_supervised.main(sup_args)
+    say(f"3/6 supervised baseline on the labelled crops ({sup_args.epochs} epochs)")
+    sup_ckpt = os.path.join(sup_args.output, "checkpoint_last.pth.tar")
+    if not finished(sup_ckpt, sup_args.epochs):  # a finished one is reused (a second demo)
+        with pretrain_console("supervised pretraining", quiet), \
+                console.quiet_stdout(os.path.join(logs, "supervised.txt")) if quiet else \
+                contextlib.nullcontext():
+            sup_ckpt = main_supervised.main(sup_args)
 
-    log("4/6 converting both checkpoints to detectron2's format")
-    from convert.to_detectron2 import main as convert_main
-
-    weights_dir = os.path.join(args.out, "weights")
+    weights_dir = os.path.join(out, "weights")
     os.makedirs(weights_dir, exist_ok=True)
     moco_pkl = os.path.join(weights_dir, "moco.pkl")
     sup_pkl = os.path.join(weights_dir, "supervised.pkl")
-    for src, dst in ((moco_ckpt, moco_pkl), (sup_ckpt, sup_pkl)):
-        if convert_main([src, dst]) != 0:
-            raise SystemExit(f"conversion of {src} failed")
+    runs = os.path.join(out, "runs")
+    results_dir = os.path.join(out, "results")
+    if args.control_random_moco:
+        control = os.path.join(out, "control")
+        weights_dir = os.path.join(control, "weights")
+        os.makedirs(weights_dir, exist_ok=True)
+        moco_src = random_moco_checkpoint(moco_ckpt, os.path.join(control, "random_moco.pth.tar"))
+        moco_pkl = os.path.join(weights_dir, "moco.pkl")
+        runs, results_dir = os.path.join(control, "runs"), os.path.join(control, "results")
+        say("4/6 CONTROL: the MoCo weights are replaced by random init in the MoCo format, "
+            "converted the same way")
+    else:
+        moco_src = moco_ckpt
+        say("4/6 converting both checkpoints to detectron2's format")
+    for src, dst in ((moco_src, moco_pkl), (sup_ckpt, sup_pkl)):
+        convert(src, dst, os.path.join(logs, "convert.txt"))
 
-    iters = 10 if args.small else args.iters
-    log(f"5/6 transfer: synthetic_mask_fpn_1k at smoke scale ({iters} iterations), "
-        f"MoCo / supervised / random init x {args.seeds} seeds")
-    from tools.suite import main as suite_main
+    iters = SMALL["iters"] if args.small else (args.iters or FINETUNE["iters"])
+    say(f"5/6 fine-tuning {DEMO_TASK} ({iters} iterations, batch {FINETUNE['batch']}): "
+        f"MoCo / supervised / random init x {args.seeds} seeds (logs: {runs})")
 
-    runs = os.path.join(args.out, "runs")
-    rc = suite_main(["--tasks", "synthetic_mask_fpn_1k",
-                     "--weights", f"moco={moco_pkl} supervised={sup_pkl} random",
+    rc = suite_main(["--tasks", DEMO_TASK,
+                     # MoCo and random first: the comparison the demo is about
+                     "--weights", f"moco={moco_pkl} random supervised={sup_pkl}",
                      "--seeds", str(args.seeds), "--scale", "smoke", "--runs", runs,
-                     "SOLVER.MAX_ITER", str(iters)])
+                     "SOLVER.MAX_ITER", str(iters),
+                     "SOLVER.IMS_PER_BATCH", str(FINETUNE["batch"]),
+                     "SOLVER.BASE_LR", str(FINETUNE["lr"])])
 
-    log("6/6 results")
-    from results.__main__ import main as results_main
+    say("6/6 results" + (" (CONTROL: 'moco' is random init)" if args.control_random_moco
+                         else ""))
 
-    results_main(["--runs", runs, "--out", os.path.join(args.out, "results"), "--decimals", "2"])
-    took = time.time() - t0
-    log(f"done in {took / 60:.1f} min. Where everything went:\n"
-        f"  pretraining   {os.path.join(args.out, 'pretrain')}\n"
+    with console.quiet_stdout(os.path.join(logs, "results.txt")) if quiet else \
+            contextlib.nullcontext():
+        results_main(["--runs", runs, "--out", results_dir, "--decimals", "2"])
+    print_table(os.path.join(results_dir, "results.md"), DEMO_TASK)
+    print_pvalues(runs)
+    took, c1 = time.time() - t0, os.times()
+    cpu = (c1.user + c1.system + c1.children_user + c1.children_system
+           - c0.user - c0.system - c0.children_user - c0.children_system)
+    say(f"done in {took / 60:.1f} min ({cpu / 60:.1f} CPU-min, load average "
+        f"{os.getloadavg()[0]:.1f}). Where everything went:\n"
+        f"  pretraining   {os.path.join(out, 'pretrain')} (log.txt, metrics.json)\n"
         f"  weights       {weights_dir}\n"
-        f"  transfer runs {runs}\n"
-        f"  tables        {os.path.join(args.out, 'results', 'results.md')}\n"
-        f"  report        {os.path.join(args.out, 'results', 'report.html')}")
+        f"  transfer runs {runs} (per run: log.txt, metrics.json, results.json)\n"
+        f"  tables        {os.path.join(results_dir, 'results.md')}\n"
+        f"  report        {os.path.join(results_dir, 'report.html')}\n"
+        f"  other output  {logs}")
     return rc
+
+
+def print_table(results_md, task):
+    """The demo task's section of results.md (the table, deltas and p-values), as written."""
+    try:
+        text = open(results_md).read()
+    except OSError:
+        say(f"no results table at {results_md}")
+        return
+    lines = text.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith("#")
+                  and "synthetic" in line.lower()), None)
+    if start is None:
+        print(text)
+        return
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("#")
+                and lines[i].count("#") <= lines[start].count("#")), len(lines))
+    print("\n".join(lines[start:end]).rstrip(), flush=True)
+
+
+def print_pvalues(runs_root, metric="bbox/AP"):
+    """Welch's two-sided p-values between the arms on the main metric, with the results
+    package's own test (results.tables.welch_p; the table's deltas are to supervised only)."""
+
+    df = collect(runs_root)
+    done = df[df["state"] == "complete"]
+    vals = {w: [float(m[metric]) for m in done[done["weights"] == w]["metrics"]]
+            for w in ("moco", "supervised", "random")}
+    parts = []
+    for a, b in (("moco", "random"), ("supervised", "random"), ("moco", "supervised")):
+        p = welch_p(vals[a], vals[b])
+        if vals[a] and vals[b]:
+            d = sum(vals[a]) / len(vals[a]) - sum(vals[b]) / len(vals[b])
+            parts.append(f"{a} - {b}: {d:+.2f} AP, p = " + ("n/a" if p is None else f"{p:.3g}"))
+    say(f"Welch two-sided p-values on {metric} over seeds: " + "; ".join(parts))
 
 
 if __name__ == "__main__":

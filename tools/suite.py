@@ -67,8 +67,12 @@ def plan(tasks, weights, seeds, scale, runs_root):
 
 
 def run_local(planned, runs_root, num_gpus=1, extra=()):
-    failures = 0
+    from transfer import console
+
     todo = [p for p in planned if p.action != "skip"]
+    if console.quiet() and todo:
+        return _run_local_quiet(todo, runs_root, num_gpus, extra)
+    failures = 0
     for i, p in enumerate(todo):
         print(f"[suite] ({i + 1}/{len(todo)}) {p.action}: {p.task} / {p.weights_name} / "
               f"seed {p.seed}", flush=True)
@@ -77,6 +81,54 @@ def run_local(planned, runs_root, num_gpus=1, extra=()):
             failures += 1
             print(f"[suite] run failed (exit {res.returncode}); see {p.run_dir}/status.json",
                   flush=True)
+    return failures
+
+
+def _max_iter(p, extra):
+    try:
+        from transfer.config import setup_cfg
+
+        return setup_cfg(p.task, p.weights_spec, p.seed, p.scale, list(extra), p.run_dir
+                         ).SOLVER.MAX_ITER
+    except Exception:  # the run itself reports a bad config
+        return 1
+
+
+def _run_local_quiet(todo, runs_root, num_gpus, extra):
+    """The quiet console (transfer/console.py): one progress bar over every iteration of every
+    run; each run's terminal output goes to <run>/console.log, its log to <run>/log.txt."""
+    import tempfile
+    import time
+
+    from transfer import console
+
+    iters = [_max_iter(p, extra) for p in todo]
+    failures = 0
+    bar = console.bar(sum(iters), f"fine-tuning {len(todo)} runs", unit="it")
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, (p, n) in enumerate(zip(todo, iters)):
+            base = bar.n
+            bar.set_postfix_str(f"{p.weights_name} seed {p.seed}", refresh=True)
+            progress = os.path.join(tmp, f"run{i}")
+            env = dict(os.environ, **{console.PROGRESS_ENV: progress})
+            os.makedirs(p.run_dir, exist_ok=True)
+            with open(os.path.join(p.run_dir, "console.log"), "a") as out:
+                proc = subprocess.Popen(p.command(runs_root, num_gpus, extra), stdout=out,
+                                        stderr=subprocess.STDOUT, env=env)
+                while proc.poll() is None:
+                    time.sleep(0.5)
+                    try:
+                        with open(progress) as f:
+                            done = int(f.read().strip() or 0)
+                        bar.update(base + min(done, n) - bar.n)
+                    except (OSError, ValueError):
+                        pass
+            bar.update(base + n - bar.n)
+            if proc.returncode != 0:
+                failures += 1
+                bar.write(f"[suite] {p.task} / {p.weights_name} / seed {p.seed} failed (exit "
+                          f"{proc.returncode}); see {p.run_dir}/console.log and status.json")
+    bar.close()
     return failures
 
 
@@ -137,6 +189,8 @@ def get_parser():
     ap.add_argument("--runs", default="runs")
     ap.add_argument("--num-gpus", type=int, default=1)
     ap.add_argument("--dry-run", action="store_true", help="list the plan, run nothing")
+    ap.add_argument("-v", "--verbose", action="store_true",
+                    help="the runs' full logs on the terminal (default when not interactive)")
     ap.add_argument("--slurm", action="store_true", help="submit through submitit")
     ap.add_argument("--array", action="store_true", help="with --slurm: one job array")
     ap.add_argument("--cluster", default=None, choices=[None, "slurm", "local"],
@@ -152,10 +206,16 @@ def get_parser():
 
 def main(argv=None):
     args = get_parser().parse_args(argv)
+    if args.verbose:
+        os.environ["MOCO_TRANSFER_VERBOSE"] = "1"
+    from transfer import console
+
     seeds = ([int(s) for s in args.seeds.split(",")] if "," in args.seeds
              else list(range(int(args.seeds))))
     planned = plan(args.tasks.split(), args.weights.split(), seeds, args.scale, args.runs)
     for p in planned:
+        if console.quiet() and not args.dry_run:
+            break  # the quiet console: the counts below and one progress bar
         print(f"{p.action:>6}  {p.task:<26} {p.weights_name:<14} seed {p.seed:<3} {p.run_dir}"
               f"  ({p.why})")
     counts = {a: sum(p.action == a for p in planned) for a in ("start", "resume", "skip")}

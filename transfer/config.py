@@ -16,6 +16,7 @@ from transfer.configs import task_config_path
 from transfer.densepose.config import add_densepose_config
 from transfer.errors import ConfigError
 from transfer.run_dir import run_dir
+from transfer.speed import apply_speed_defaults
 from transfer.weights import weights_overrides
 
 
@@ -126,6 +127,7 @@ def setup_cfg(task, weights="random", seed=0, scale="full", overrides=(), output
     if not torch.cuda.is_available():
         cfg.MODEL.DEVICE = "cpu"
     cfg.OUTPUT_DIR = output or run_dir(runs_root, task, name, seed, scale)
+    apply_speed_defaults(cfg)  # before the overrides: DATALOADER.NUM_WORKERS N still wins
     apply_overrides(cfg, overrides)
     cfg.freeze()
     return cfg

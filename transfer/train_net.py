@@ -18,7 +18,7 @@ import detectron2.utils.comm as comm
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.utils.logger import setup_logger
 
-from transfer import run_dir
+from transfer import console, run_dir
 from transfer.config import setup_cfg
 from transfer.configs import task_config_path
 from transfer.datasets import DatasetMissing, check_datasets
@@ -38,6 +38,7 @@ def main(args):
     default_setup(cfg, args)
     # this project's messages (checkpoint fallback, sampling) in the run's log.txt too
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="transfer")
+    console.quiet_run(cfg)  # quiet console: logs to the run's files, a progress bar
     if comm.is_main_process():
         run_dir.write_started(cfg)
     try:

@@ -17,7 +17,7 @@ from detectron2.data import build_detection_test_loader
 from detectron2.engine import DefaultTrainer, hooks
 from fvcore.nn.precise_bn import get_bn_modules
 
-from transfer import sampling
+from transfer import console, sampling, speed
 from transfer.checkpoint import TransferCheckpointer
 from transfer.datasets import build_mapper
 from transfer.evaluators import build_evaluator
@@ -46,6 +46,10 @@ class SyncedPreciseBN(hooks.PreciseBN):
 
 class Trainer(DefaultTrainer):
     @classmethod
+    def build_optimizer(cls, cfg, model):
+        return speed.foreach_sgd(super().build_optimizer(cfg, model))
+
+    @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         return build_evaluator(cfg, dataset_name, output_folder)
 
@@ -72,13 +76,14 @@ class Trainer(DefaultTrainer):
         hook_list = [sampling.SeedEachIteration(self.cfg.SEED)] + super().build_hooks()
         for i, h in enumerate(hook_list):
             if type(h) is hooks.PeriodicWriter and self.cfg.MOCO_TRANSFER.SCALE != "full":
-                hook_list[i] = hooks.PeriodicWriter(self.build_writers(), period=1)  # short runs
+                hook_list[i] = hooks.PeriodicWriter(self.build_writers(),
+                                                    period=speed.writer_period(self.cfg))
             if type(h) is hooks.PreciseBN:  # same period/model, synced statistics
                 hook_list[i] = SyncedPreciseBN(
                     self.cfg.TEST.EVAL_PERIOD, self.model,
                     self.build_train_loader(self.cfg, sampling.PRECISE_BN, num_workers=0),
                     self.cfg.TEST.PRECISE_BN.NUM_ITER)
-        return hook_list
+        return hook_list + console.progress_hooks(self.cfg)
 
     def state_dict(self):
         """detectron2 v0.6 checkpoints the iteration and the scheduler only: add the optimizer

@@ -1,0 +1,190 @@
+"""Side-by-side speed of one demo fine-tuning iteration: before vs after the CPU speed-ups.
+
+    python -m tools.bench_demo [--task synthetic_mask_fpn_1k] [--rounds 2] [--iters 30]
+                               [--out BENCHMARKS.md]
+
+Each variant runs in its own process (fresh allocator, fresh threads), the variants alternate
+(before, after, before, after, ...) so that a change in the machine's load hits both, and each
+process times ``--iters`` training iterations after ``--warmup`` through the harness Trainer
+(hooks, writers, data loader and all), at smoke scale, on the same data, seed and init.
+
+    before: what the harness did until issue #17: OpenMP's default (spinning) waits, 2 data
+            workers competing with the main process' 2 intra-op threads, every writer (console, metrics.json, TensorBoard)
+            flushed every iteration, SGD's per-tensor update loop.
+    after:  the current defaults (transfer/speed.py): passive OpenMP waits, no data workers for small images, writers
+            every 20 iterations, SGD's multi-tensor (foreach) update.
+
+The section is written into BENCHMARKS.md atomically (replacing an earlier section of the same
+title).
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+SECTION = "### Demo fine-tuning iteration, before/after the CPU speed-ups (issue #17)"
+
+VARIANTS = {
+    "before": dict(workers=2, period=1, foreach=False, omp=""),
+    "after": dict(workers=None, period=None, foreach=None, omp=None),  # None: the defaults
+}
+
+
+def _child(args):
+    """One process: time args.iters iterations of one variant; print JSON on the last line."""
+    from transfer import speed, train_net  # first: transfer/__init__.py sets OpenMP's policy
+
+    import torch
+    from transfer.config import setup_cfg
+    from detectron2.engine import hooks
+    from detectron2.utils.events import EventStorage
+
+    v = json.loads(args.child)
+    from transfer.sampling import seed_everything
+
+    seed_everything(0)  # the same init in every process
+    opts = ["SOLVER.MAX_ITER", str(args.max_iter)]
+    if v["workers"] is not None:
+        opts += ["DATALOADER.NUM_WORKERS", str(v["workers"])]
+    out = tempfile.mkdtemp(prefix="bench_demo_")
+    cfg = setup_cfg(args.task, "random", 0, "smoke", opts, out)
+    if v["foreach"] is not None:
+        speed.FOREACH = v["foreach"]
+    if v["workers"] is None:
+        cfg.defrost()
+        speed.apply_speed_defaults(cfg)
+        cfg.freeze()
+    trainer = train_net.Trainer(cfg)
+    trainer.resume_or_load(resume=False)
+    if v["period"] is not None:
+        for h in trainer._hooks:
+            if type(h) is hooks.PeriodicWriter:
+                h._period = v["period"]
+    times, losses = [], []
+    with EventStorage(0) as trainer.storage:
+        trainer.before_train()
+        for i in range(args.warmup + args.iters):
+            trainer.iter = i
+            t0 = time.perf_counter()
+            trainer.before_step()
+            trainer.run_step()
+            trainer.after_step()
+            times.append(time.perf_counter() - t0)
+            losses.append(float(trainer.storage.history("total_loss").latest()))
+    res = dict(times=times[args.warmup:], losses=losses,
+               omp=os.environ.get("OMP_WAIT_POLICY") or "(unset)",
+               workers=cfg.DATALOADER.NUM_WORKERS, threads=torch.get_num_threads(),
+               foreach=trainer.optimizer.param_groups[0].get("foreach"),
+               period=[h._period for h in trainer._hooks if type(h) is hooks.PeriodicWriter])
+    print(json.dumps(res))
+
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def write_section(path, text):
+    """Replace (or append) SECTION in the markdown file, atomically."""
+    old = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
+    start = old.find(SECTION)
+    if start >= 0:
+        end = old.find("\n## ", start)
+        end2 = old.find("\n### ", start + len(SECTION))
+        ends = [e for e in (end, end2) if e >= 0]
+        new = old[:start] + text + (old[min(ends) + 1:] if ends else "")
+    else:
+        new = old.rstrip("\n") + "\n\n" + text
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(new)
+    os.replace(tmp, path)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--task", default="synthetic_mask_fpn_1k")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--iters", type=int, default=30)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--max-iter", type=int, default=1000, help="the schedule's length (lr)")
+    p.add_argument("--out", default="BENCHMARKS.md")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        return _child(args)
+    from pretrain import synthetic
+    from transfer.datasets import dataset_root
+
+    synthetic.generate(os.path.join(dataset_root(), "synthetic"), quiet=True)
+    runs = {k: [] for k in VARIANTS}
+    cpu0 = os.times()
+    for r in range(args.rounds):
+        for name, v in VARIANTS.items():
+            cmd = [sys.executable, "-m", "tools.bench_demo", "--task", args.task, "--iters",
+                   str(args.iters), "--warmup", str(args.warmup), "--max-iter",
+                   str(args.max_iter), "--child", json.dumps(v)]
+            env = dict(os.environ)
+            env.pop("OMP_WAIT_POLICY", None)
+            if v["omp"] is not None:  # "": libgomp's default (spin, then sleep)
+                env["OMP_WAIT_POLICY"] = v["omp"]
+            res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            if res.returncode:
+                sys.stderr.write(res.stderr[-3000:])
+                raise SystemExit(f"variant {name} failed")
+            rec = json.loads(res.stdout.strip().splitlines()[-1])
+            runs[name].append(rec)
+            print(f"[bench_demo] round {r + 1} {name}: median step "
+                  f"{statistics.median(rec['times']) * 1000:.0f} ms", flush=True)
+    med = {k: statistics.median([t for rec in v for t in rec["times"]]) for k, v in runs.items()}
+    per_proc = {k: [statistics.median(rec["times"]) * 1000 for rec in v] for k, v in runs.items()}
+    speedup = med["before"] / med["after"]
+    load = os.getloadavg()
+    lb, la = runs["before"][0]["losses"], runs["after"][0]["losses"]
+    n = min(len(lb), len(la), 10)
+    lines = [
+        SECTION, "",
+        f"{cpu_name()}, {os.cpu_count()} cores, torch threads {runs['after'][0]['threads']}; "
+        f"measured {time.strftime('%Y-%m-%d %H:%M')} with `python -m tools.bench_demo "
+        f"--rounds {args.rounds} --iters {args.iters}` (load average at the end "
+        f"{load[0]:.2f}; the machine is shared, so the variants alternate).", "",
+        f"Task `{args.task}` at smoke scale (batch 2, ~128 px), random init, seed 0; "
+        f"{args.iters} timed iterations after {args.warmup} warm-up per process, "
+        f"{args.rounds} processes per variant, alternating.", "",
+        "| variant | OMP_WAIT_POLICY | data workers | writer period | SGD foreach | "
+        "median step (ms) | it/s | per-process medians (ms) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for k in VARIANTS:
+        rec = runs[k][0]
+        lines.append(f"| {k} | {rec['omp']} | {rec['workers']} | {rec['period'][0] if rec['period'] else '-'} "
+                     f"| {bool(rec['foreach'])} | {med[k] * 1000:.0f} | {1 / med[k]:.2f} | "
+                     f"{', '.join(f'{x:.0f}' for x in per_proc[k])} |")
+    lines += ["", f"Speed-up: **{speedup:.2f}x** iterations per second.", "",
+              "Loss (total_loss) of the first iterations, same seed and init, to show the "
+              "variants train the same:", "",
+              "| iteration | " + " | ".join(str(i) for i in range(n)) + " |",
+              "|---|" + "---|" * n,
+              "| before | " + " | ".join(f"{x:.3f}" for x in lb[:n]) + " |",
+              "| after | " + " | ".join(f"{x:.3f}" for x in la[:n]) + " |", ""]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        write_section(args.out, text)
+        print(f"[bench_demo] section written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
