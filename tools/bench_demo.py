@@ -27,6 +27,19 @@ import sys
 import tempfile
 import time
 
+# transfer first: transfer/__init__.py sets OpenMP's wait policy unless the environment (the
+# "before" variant's child) names one, and it must be set before torch loads OpenMP
+from transfer import speed, train_net
+from transfer.config import setup_cfg
+from transfer.datasets import dataset_root
+from transfer.sampling import seed_everything
+
+import torch
+from detectron2.engine import hooks
+from detectron2.utils.events import EventStorage
+
+from pretrain import synthetic
+
 SECTION = "### Demo fine-tuning iteration, before/after the CPU speed-ups (issue #17)"
 
 VARIANTS = {
@@ -37,15 +50,7 @@ VARIANTS = {
 
 def _child(args):
     """One process: time args.iters iterations of one variant; print JSON on the last line."""
-    from transfer import speed, train_net  # first: transfer/__init__.py sets OpenMP's policy
-
-    import torch
-    from transfer.config import setup_cfg
-    from detectron2.engine import hooks
-    from detectron2.utils.events import EventStorage
-
     v = json.loads(args.child)
-    from transfer.sampling import seed_everything
 
     seed_everything(0)  # the same init in every process
     opts = ["SOLVER.MAX_ITER", str(args.max_iter)]
@@ -124,12 +129,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.child:
         return _child(args)
-    from pretrain import synthetic
-    from transfer.datasets import dataset_root
 
     synthetic.generate(os.path.join(dataset_root(), "synthetic"), quiet=True)
     runs = {k: [] for k in VARIANTS}
-    cpu0 = os.times()
     for r in range(args.rounds):
         for name, v in VARIANTS.items():
             cmd = [sys.executable, "-m", "tools.bench_demo", "--task", args.task, "--iters",

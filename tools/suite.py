@@ -15,9 +15,13 @@ import argparse
 import os
 import subprocess
 import sys
+import tempfile
+import time
 from dataclasses import dataclass
 
 from results.collect import read_run
+from transfer import console
+from transfer.config import setup_cfg
 from transfer.configs import known_tasks
 from transfer.run_dir import run_dir
 from transfer.weights import parse_weights
@@ -67,8 +71,6 @@ def plan(tasks, weights, seeds, scale, runs_root):
 
 
 def run_local(planned, runs_root, num_gpus=1, extra=()):
-    from transfer import console
-
     todo = [p for p in planned if p.action != "skip"]
     if console.quiet() and todo:
         return _run_local_quiet(todo, runs_root, num_gpus, extra)
@@ -86,8 +88,6 @@ def run_local(planned, runs_root, num_gpus=1, extra=()):
 
 def _max_iter(p, extra):
     try:
-        from transfer.config import setup_cfg
-
         return setup_cfg(p.task, p.weights_spec, p.seed, p.scale, list(extra), p.run_dir
                          ).SOLVER.MAX_ITER
     except Exception:  # the run itself reports a bad config
@@ -97,10 +97,7 @@ def _max_iter(p, extra):
 def _run_local_quiet(todo, runs_root, num_gpus, extra):
     """The quiet console (transfer/console.py): one progress bar over every iteration of every
     run; each run's terminal output goes to <run>/console.log, its log to <run>/log.txt."""
-    import tempfile
-    import time
 
-    from transfer import console
 
     iters = [_max_iter(p, extra) for p in todo]
     failures = 0
@@ -208,7 +205,6 @@ def main(argv=None):
     args = get_parser().parse_args(argv)
     if args.verbose:
         os.environ["MOCO_TRANSFER_VERBOSE"] = "1"
-    from transfer import console
 
     seeds = ([int(s) for s in args.seeds.split(",")] if "," in args.seeds
              else list(range(int(args.seeds))))
