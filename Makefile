@@ -29,6 +29,7 @@ DRY_RUN  ?=
 # suite / results
 TASKS ?=
 SEEDS ?= 1
+JOBS  ?= 1
 RUNS  ?= runs
 OUT   ?= results/out
 
@@ -101,7 +102,7 @@ tasks: $(STAMP)
 
 # Plan and run every TASKS x WEIGHTS x SEEDS run (skips complete ones, resumes the rest).
 suite: $(STAMP)
-	$(PYTHON) -m tools.suite --tasks "$(TASKS)" --weights "$(WEIGHTS)" --seeds $(SEEDS) \
+	$(PYTHON) -m tools.suite --tasks "$(TASKS)" --weights "$(WEIGHTS)" --seeds $(SEEDS) --jobs $(JOBS) \
 	  --scale $(SCALE) --runs $(RUNS) $(if $(DRY_RUN),--dry-run) $(ARGS)
 
 # Collate the runs under RUNS into the paper's tables and an HTML report under OUT.

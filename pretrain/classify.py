@@ -28,7 +28,7 @@ def setup_run(args):
     """Logging, seed, device and the labeled train/val sets of a classification run.
     Returns (device, train set, val set, class names)."""
     os.makedirs(args.output, exist_ok=True)
-    engine.setup_logging(args.output, 0)
+    engine.setup_logging(args.output, 0, to_console=not args.quiet)
     torch.manual_seed(args.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     train_set, val_set = split_folder(
@@ -51,7 +51,8 @@ def evaluate(model, data, device, amp_dtype):
     return 100.0 * correct / max(total, 1)
 
 
-def train_classifier(model, train_set, val_set, args, device, params, train_mode, ckpt_fn):
+def train_classifier(model, train_set, val_set, args, device, params, train_mode, ckpt_fn,
+                     desc="training"):
     """SGD over `params` with the per-epoch schedule of args (lr, schedule, cos, epochs).
 
     train_mode(model) puts the model in the right mode each epoch (linear eval keeps BN in eval
@@ -74,7 +75,7 @@ def train_classifier(model, train_set, val_set, args, device, params, train_mode
     criterion = nn.CrossEntropyLoss()
     total = len(train_data) * args.epochs
     progress = engine.Progress(args.output, total, start_epoch * len(train_data), 0,
-                               args.print_freq)
+                               args.print_freq, bar=desc if args.quiet else None)
     it = start_epoch * len(train_data)
     top1 = None
     for epoch in range(start_epoch, args.epochs):

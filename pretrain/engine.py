@@ -10,6 +10,7 @@ import time
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 from convert.files import atomic_open
 
@@ -32,15 +33,18 @@ def init_distributed():
     return rank, world, local_rank
 
 
-def setup_logging(output_dir, rank):
+def setup_logging(output_dir, rank, to_console=True):
+    """The log goes to <output_dir>/log.txt and, unless `to_console` is False (--quiet: a
+    progress bar instead, see Progress), to stdout."""
     fmt = logging.Formatter("[%(asctime)s %(name)s] %(message)s", "%m/%d %H:%M:%S")
     root = logging.getLogger()
     root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     for h in list(root.handlers):
         root.removeHandler(h)
-    h = logging.StreamHandler(sys.stdout)
-    h.setFormatter(fmt)
-    root.addHandler(h)
+    if to_console:
+        h = logging.StreamHandler(sys.stdout)
+        h.setFormatter(fmt)
+        root.addHandler(h)
     if rank == 0 and output_dir:
         os.makedirs(output_dir, exist_ok=True)
         fh = logging.FileHandler(os.path.join(output_dir, "log.txt"))
@@ -141,11 +145,17 @@ def set_rng_state(state):
 
 # ---------------------------------------------------------------- progress
 class Progress:
-    """Logs iteration, metrics, lr, img/s and ETA; writes JSON lines and TensorBoard scalars."""
+    """Logs iteration, metrics, lr, img/s and ETA; writes JSON lines and TensorBoard scalars.
+    With `bar` (a description) it also shows a tqdm bar with the ETA and the loss on stderr
+    (the quiet console, --quiet)."""
 
-    def __init__(self, output_dir, total_iters, start_iter, rank, print_freq=10):
+    def __init__(self, output_dir, total_iters, start_iter, rank, print_freq=10, bar=None):
         self.total, self.start, self.print_freq = total_iters, start_iter, print_freq
         self.rank = rank
+        self.bar = None
+        if bar and rank == 0:
+            self.bar = tqdm(total=total_iters, initial=start_iter, desc=bar, unit="it",
+                            dynamic_ncols=True, file=sys.stderr, mininterval=0.5)
         self.t0 = self.t_last = time.time()
         self.images = 0
         self.json = None
@@ -162,6 +172,10 @@ class Progress:
     def step(self, it, epoch, batch_images, **metrics):
         self.images += batch_images
         done = it + 1
+        if self.bar is not None:
+            self.bar.update(done - self.bar.n)
+            if "loss" in metrics and done % self.print_freq == 0:
+                self.bar.set_postfix_str(f"loss {metrics['loss']:.3f}", refresh=False)
         if self.rank != 0 or (done % self.print_freq and done != self.total):
             return
         now = time.time()
@@ -184,6 +198,8 @@ class Progress:
         self.images, self.t_last = 0, now
 
     def close(self):
+        if self.bar is not None:
+            self.bar.close()
         if self.json:
             self.json.close()
         if self.tb:

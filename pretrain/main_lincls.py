@@ -20,6 +20,8 @@ def get_args_parser():
     p = argparse.ArgumentParser("linear classification on frozen features")
     p.add_argument("--data", required=True, help="labeled ImageFolder tree")
     p.add_argument("--val-data", default="")
+    p.add_argument("--quiet", action="store_true",
+                   help="log to <output>/log.txt only and show a progress bar")
     p.add_argument("--pretrained", required=True, help="a MoCo checkpoint (make pretrain)")
     p.add_argument("--output", default="")
     p.add_argument("--arch", default=None, help="default: the checkpoint's arch")
@@ -72,7 +74,8 @@ def main(args):
                 "state_dict": {"module." + k: v for k, v in model.state_dict().items()}}
 
     top1 = classify.train_classifier(model, train_set, val_set, args, device,
-                                     [model.fc.weight, model.fc.bias], frozen_mode, ckpt)
+                                     [model.fc.weight, model.fc.bias], frozen_mode, ckpt,
+                                     "linear evaluation")
     print(f"linear evaluation: val top-1 {top1:.2f}%")
     return top1
 

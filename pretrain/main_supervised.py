@@ -21,6 +21,8 @@ def get_args_parser():
     p = argparse.ArgumentParser("supervised baseline")
     p.add_argument("--data", default="", help="labeled ImageFolder tree")
     p.add_argument("--val-data", default="")
+    p.add_argument("--quiet", action="store_true",
+                   help="log to <output>/log.txt only and show a progress bar")
     p.add_argument("--output", default="")
     p.add_argument("--arch", default=None, help="default resnet50 (resnet18 embedded)")
     p.add_argument("--epochs", type=int, default=None, help="default 200")
@@ -63,7 +65,8 @@ def main(args):
                 "classes": classes}
 
     top1 = classify.train_classifier(model, train_set, val_set, args, device,
-                                     model.parameters(), lambda m: m.train(), ckpt)
+                                     model.parameters(), lambda m: m.train(), ckpt,
+                                     "supervised pretraining")
     print(f"supervised baseline: val top-1 {top1:.2f}%; checkpoint "
           f"{os.path.join(args.output, 'checkpoint_last.pth.tar')}")
     return os.path.join(args.output, "checkpoint_last.pth.tar")

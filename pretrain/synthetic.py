@@ -3,8 +3,10 @@
 Deterministic from a seed and cached (a second call with the same parameters reuses the files).
 Everything is synthetic and labelled so. Written under ``root``:
 
-    unlabeled/               images for MoCo pretraining (flat folder)
-    labeled/<class>/         one object per image, for the supervised baseline and kNN/linear eval
+    unlabeled/               object-centric images (one large object each, like ImageNet's
+                             photos) for MoCo pretraining (flat folder), half the scene size
+    labeled/<class>/         the same kind of images, labelled, for the supervised baseline and
+                             kNN/linear eval
     coco/annotations/instances_{train,val}.json   boxes, polygon masks; keypoints for 'square'
     coco/{train,val}/        the scene images
     VOCdevkit/VOC2007/       Annotations/*.xml, JPEGImages/*.jpg, ImageSets/Main/{trainval,test}.txt
@@ -21,11 +23,15 @@ CLASSES = ["disc", "square", "triangle", "star"]
 KEYPOINT_CLASS = "square"
 KEYPOINT_NAMES = ["top_left", "top_right", "bottom_right", "bottom_left"]
 KEYPOINT_FLIP_MAP = [("top_left", "top_right"), ("bottom_left", "bottom_right")]
-VERSION = 2  # bump when the generator changes: invalidates caches
-# Backgrounds are low-contrast (the texture blended into grey): what tells two scenes apart is
-# then their objects, not the colour of the background, so contrastive pretraining (MoCo's
-# instance discrimination) has to learn the objects' features to tell the scenes apart.
-BACKGROUND_CONTRAST = 0.35
+VERSION = 3  # bump when the generator changes: invalidates caches
+# Each class has its own shape and its own fill pattern (colours, scale and orientation are
+# drawn per object): what tells two objects apart is then partly their class, which is what
+# instance discrimination can pick up without labels.
+PATTERNS = {"disc": "stripes", "square": "checker", "triangle": "dots", "star": "rings"}
+# Backgrounds are low-contrast (the texture blended into grey) and objects are dark/light with a
+# slight tint: what tells two images apart is then mostly their object's shape and pattern, not
+# colour, so contrastive pretraining (MoCo's instance discrimination) has to learn those.
+BACKGROUND_CONTRAST = 0.2
 
 
 def _texture(rng, h, w, scale):
@@ -49,25 +55,53 @@ def _polygon(cls, cx, cy, r, angle):
              cy + radii[i] * math.sin(angle + 2 * math.pi * i / n)) for i in range(n)]
 
 
+def _pattern(kind, xx, yy, cx, cy, period, theta):
+    u = (xx - cx) * math.cos(theta) + (yy - cy) * math.sin(theta)
+    v = -(xx - cx) * math.sin(theta) + (yy - cy) * math.cos(theta)
+    if kind == "stripes":
+        return np.sin(u / period) > 0
+    if kind == "checker":
+        return (np.sin(u / period) > 0) ^ (np.sin(v / period) > 0)
+    if kind == "dots":
+        return np.cos(u / period) * np.cos(v / period) > 0.4
+    return np.sin(np.hypot(u, v) / period) > 0  # rings
+
+
 def _paint_object(img, rng, cls, poly):
-    """Fill the polygon with a striped, randomly coloured texture."""
+    """Fill the polygon with its class's pattern, in two random colours."""
     w, h = img.size
     mask = Image.new("L", (w, h), 0)
     ImageDraw.Draw(mask).polygon(poly, fill=255)
-    c1, c2 = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
+    tint = rng.integers(-20, 21, 3)
+    c1 = np.clip(rng.integers(0, 90) + tint, 0, 255)
+    c2 = np.clip(rng.integers(166, 256) + tint, 0, 255)
     yy, xx = np.mgrid[0:h, 0:w]
-    period = rng.uniform(3, 8)
-    theta = rng.uniform(0, math.pi)
-    stripes = (np.sin((xx * math.cos(theta) + yy * math.sin(theta)) / period) > 0)[..., None]
-    fill = np.where(stripes, c1, c2).astype(np.uint8)
+    cx, cy = sum(p[0] for p in poly) / len(poly), sum(p[1] for p in poly) / len(poly)
+    on = _pattern(PATTERNS[cls], xx, yy, cx, cy, rng.uniform(1.0, 2.0), rng.uniform(0, math.pi))
+    fill = np.where(on[..., None], c1, c2).astype(np.uint8)
     img.paste(Image.fromarray(fill), (0, 0), mask)
     return mask
 
 
+def _background(rng, size):
+    grey = int(rng.integers(90, 166))
+    return Image.blend(Image.new("RGB", (size, size), (grey, grey, grey)),
+                       _texture(rng, size, size, scale=int(rng.integers(8, 32))),
+                       BACKGROUND_CONTRAST)
+
+
+def make_object_image(rng, size, cls=None):
+    """One object, centred and large (object-centric, like ImageNet's photos)."""
+    cls = cls or CLASSES[int(rng.integers(len(CLASSES)))]
+    img = _background(rng, size)
+    r = rng.uniform(size * 0.2, size * 0.34)
+    cx, cy = size / 2 + rng.uniform(-size / 16, size / 16, 2)
+    _paint_object(img, rng, cls, _polygon(cls, cx, cy, r, rng.uniform(0, 2 * math.pi)))
+    return img.filter(ImageFilter.GaussianBlur(radius=0.6))
+
+
 def make_scene(rng, size, max_objects=4):
-    img = Image.blend(Image.new("RGB", (size, size), (128, 128, 128)),
-                      _texture(rng, size, size, scale=int(rng.integers(8, 32))),
-                      BACKGROUND_CONTRAST)
+    img = _background(rng, size)
     objects = []
     for _ in range(int(rng.integers(1, max_objects + 1))):
         cls = CLASSES[int(rng.integers(len(CLASSES)))]
@@ -189,19 +223,13 @@ def generate(root, seed=0, n_unlabeled=DEFAULTS["n_unlabeled"],
     unl = os.path.join(root, "unlabeled")
     os.makedirs(unl, exist_ok=True)
     for i in range(n_unlabeled):
-        make_scene(rng, size)[0].save(os.path.join(unl, f"{i:05d}.jpg"), quality=95)
+        make_object_image(rng, size // 2).save(os.path.join(unl, f"{i:05d}.jpg"), quality=95)
     for cls in CLASSES:
         d = os.path.join(root, "labeled", cls)
         os.makedirs(d, exist_ok=True)
         for i in range(n_labeled_per_class):
-            img = Image.blend(Image.new("RGB", (size // 2, size // 2), (128, 128, 128)),
-                              _texture(rng, size // 2, size // 2, scale=int(rng.integers(8, 32))),
-                              BACKGROUND_CONTRAST)
-            r = rng.uniform(size * 0.1, size * 0.18)
-            poly = _polygon(cls, size / 4 + rng.uniform(-4, 4), size / 4 + rng.uniform(-4, 4), r,
-                            rng.uniform(0, 2 * math.pi))
-            _paint_object(img, rng, cls, poly)
-            img.save(os.path.join(d, f"{i:05d}.jpg"), quality=95)
+            make_object_image(rng, size // 2, cls).save(os.path.join(d, f"{i:05d}.jpg"),
+                                                        quality=95)
     coco_dir = os.path.join(root, "coco")
     train, ann_id = _coco_split(rng, coco_dir, "train", n_train, size, 0)
     val, _ = _coco_split(rng, coco_dir, "val", n_val, size, ann_id)

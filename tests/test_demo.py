@@ -19,7 +19,8 @@ def test_demo_pipeline_small(tmp_path, monkeypatch, capsys):
     console = capsys.readouterr()
     # the quiet console: stage lines, the table and the p-values; the logs went to files
     assert len(console.out.splitlines()) < 100, console.out
-    assert "Welch two-sided p-values on bbox/AP" in console.out
+    assert "Welch two-sided p-values over seeds, bbox/AP50 (the task's main metric)" in console.out
+    assert "p-values over seeds, bbox/AP:" in console.out
     assert "| moco" in console.out and "GeneralizedRCNN(" not in console.out
     runs = collect(str(out / "runs"))
     assert sorted(runs["weights"]) == ["moco", "moco", "random", "random",

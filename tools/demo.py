@@ -28,6 +28,7 @@ import time
 # pretrain and transfer first: they set the OpenMP wait policy before torch loads OpenMP
 from pretrain import engine, main_moco, main_supervised, synthetic
 from transfer import console
+from transfer.config import load_task_config
 from transfer.console import quiet_stdout
 from transfer.datasets import dataset_root
 
@@ -42,53 +43,12 @@ from tools.suite import main as suite_main
 
 DEMO_TASK = "synthetic_frcnn_fpn_1k"
 # fine-tuning schedule of the demo (smoke scale of DEMO_TASK, these overrides last)
-FINETUNE = dict(iters=150, batch=4, lr=0.01)
+FINETUNE = dict(iters=100, batch=4, lr=0.01)
 SMALL = dict(epochs=1, iters=12, sup_epochs=1)  # --small (CI): the pipeline, not the result
 
 
 def say(msg):
     print(f"[demo] {msg}", flush=True)
-
-
-@contextlib.contextmanager
-def pretrain_console(desc, quiet):
-    """pretrain's loop (engine.Progress) drives one tqdm bar; its log goes to its log.txt."""
-    if not quiet:
-        yield
-        return
-    orig_setup, orig_init, orig_step, orig_close = (
-        engine.setup_logging, engine.Progress.__init__, engine.Progress.step,
-        engine.Progress.close)
-    state = {}
-
-    def setup_logging(output_dir, rank):
-        orig_setup(output_dir, rank)
-        console.route_logs_to_files(None, names=("",))
-
-    def init(self, output_dir, total_iters, start_iter, rank, print_freq=10):
-        orig_init(self, output_dir, total_iters, start_iter, rank, print_freq)
-        state["bar"] = console.bar(total_iters, desc, start_iter)
-
-    def step(self, it, epoch, batch_images, **metrics):
-        orig_step(self, it, epoch, batch_images, **metrics)
-        b = state.get("bar")
-        if b is not None:
-            b.update(it + 1 - b.n)
-            if "loss" in metrics and (it + 1) % 5 == 0:
-                b.set_postfix_str(f"loss {metrics['loss']:.3f}", refresh=False)
-
-    def close(self):
-        orig_close(self)
-        if state.get("bar") is not None:
-            state.pop("bar").close()
-
-    engine.setup_logging, engine.Progress.__init__ = setup_logging, init
-    engine.Progress.step, engine.Progress.close = step, close
-    try:
-        yield
-    finally:
-        engine.setup_logging, engine.Progress.__init__ = orig_setup, orig_init
-        engine.Progress.step, engine.Progress.close = orig_step, orig_close
 
 
 def random_moco_checkpoint(reference, path, seed=12345):
@@ -148,7 +108,7 @@ def main(argv=None):
     os.makedirs(logs, exist_ok=True)
     root = os.path.join(dataset_root(), "synthetic")
     say(f"1/6 data: synthetic shapes under {root} ({synthetic.DEFAULTS['n_unlabeled']} "
-        f"unlabelled scenes, {synthetic.DEFAULTS['n_train']} labelled training scenes, "
+        f"unlabelled object images, {synthetic.DEFAULTS['n_train']} labelled training scenes, "
         f"{synthetic.DEFAULTS['n_val']} val)")
     synthetic.generate(root, quiet=True)
 
@@ -165,8 +125,8 @@ def main(argv=None):
     moco_args.embedded = True
     say(f"2/6 MoCo v2 pretraining: {moco_args.arch}, {moco_args.image_size} px, "
         f"{moco_args.epochs} epochs (log: {moco_args.output}/log.txt)")
-    with pretrain_console("MoCo pretraining", quiet):
-        moco_ckpt = main_moco.main(moco_args)
+    moco_args.quiet = quiet
+    moco_ckpt = main_moco.main(moco_args)
 
     sup_args = main_supervised.get_args_parser().parse_args([])
     sup_args.data = os.path.join(root, "labeled")
@@ -174,13 +134,11 @@ def main(argv=None):
     sup_args.epochs = SMALL["sup_epochs"] if args.small else main_moco.EMBEDDED_SUPERVISED_EPOCHS
     sup_args.arch, sup_args.batch_size = moco_args.arch, moco_args.batch_size
     sup_args.image_size, sup_args.workers = moco_args.image_size, moco_args.workers
+    sup_args.quiet = quiet
     say(f"3/6 supervised baseline on the labelled crops ({sup_args.epochs} epochs)")
     sup_ckpt = os.path.join(sup_args.output, "checkpoint_last.pth.tar")
     if not finished(sup_ckpt, sup_args.epochs):  # a finished one is reused (a second demo)
-        with pretrain_console("supervised pretraining", quiet), \
-                console.quiet_stdout(os.path.join(logs, "supervised.txt")) if quiet else \
-                contextlib.nullcontext():
-            sup_ckpt = main_supervised.main(sup_args)
+        sup_ckpt = main_supervised.main(sup_args)
 
     weights_dir = os.path.join(out, "weights")
     os.makedirs(weights_dir, exist_ok=True)
@@ -204,10 +162,13 @@ def main(argv=None):
         convert(src, dst, os.path.join(logs, "convert.txt"))
 
     iters = SMALL["iters"] if args.small else (args.iters or FINETUNE["iters"])
+    # on a CPU, two runs side by side with half the cores each (BENCHMARKS.md)
+    jobs = 1 if torch.cuda.is_available() else min(2, os.cpu_count() or 1)
     say(f"5/6 fine-tuning {DEMO_TASK} ({iters} iterations, batch {FINETUNE['batch']}): "
-        f"MoCo / supervised / random init x {args.seeds} seeds (logs: {runs})")
+        f"MoCo / supervised / random init x {args.seeds} seeds, {jobs} at a time "
+        f"(logs: {runs})")
 
-    rc = suite_main(["--tasks", DEMO_TASK,
+    rc = suite_main(["--tasks", DEMO_TASK, "--jobs", str(jobs),
                      # MoCo and random first: the comparison the demo is about
                      "--weights", f"moco={moco_pkl} random supervised={sup_pkl}",
                      "--seeds", str(args.seeds), "--scale", "smoke", "--runs", runs,
@@ -222,7 +183,7 @@ def main(argv=None):
             contextlib.nullcontext():
         results_main(["--runs", runs, "--out", results_dir, "--decimals", "2"])
     print_table(os.path.join(results_dir, "results.md"), DEMO_TASK)
-    print_pvalues(runs)
+    print_pvalues(runs, list(load_task_config(DEMO_TASK).MOCO_TRANSFER.METRICS))
     took, c1 = time.time() - t0, os.times()
     cpu = (c1.user + c1.system + c1.children_user + c1.children_system
            - c0.user - c0.system - c0.children_user - c0.children_system)
@@ -255,21 +216,23 @@ def print_table(results_md, task):
     print("\n".join(lines[start:end]).rstrip(), flush=True)
 
 
-def print_pvalues(runs_root, metric="bbox/AP"):
-    """Welch's two-sided p-values between the arms on the main metric, with the results
-    package's own test (results.tables.welch_p; the table's deltas are to supervised only)."""
-
+def print_pvalues(runs_root, metrics):
+    """Welch's two-sided p-values between the arms, one line per metric (the task's main metric
+    first), with the results package's own test (results.tables.welch_p; the table's deltas
+    are to supervised only)."""
     df = collect(runs_root)
     done = df[df["state"] == "complete"]
-    vals = {w: [float(m[metric]) for m in done[done["weights"] == w]["metrics"]]
-            for w in ("moco", "supervised", "random")}
-    parts = []
-    for a, b in (("moco", "random"), ("supervised", "random"), ("moco", "supervised")):
-        p = welch_p(vals[a], vals[b])
-        if vals[a] and vals[b]:
-            d = sum(vals[a]) / len(vals[a]) - sum(vals[b]) / len(vals[b])
-            parts.append(f"{a} - {b}: {d:+.2f} AP, p = " + ("n/a" if p is None else f"{p:.3g}"))
-    say(f"Welch two-sided p-values on {metric} over seeds: " + "; ".join(parts))
+    for i, metric in enumerate(metrics):
+        vals = {w: [float(m[metric]) for m in done[done["weights"] == w]["metrics"]]
+                for w in ("moco", "supervised", "random")}
+        parts = []
+        for a, b in (("moco", "random"), ("supervised", "random"), ("moco", "supervised")):
+            p = welch_p(vals[a], vals[b])
+            if vals[a] and vals[b]:
+                d = sum(vals[a]) / len(vals[a]) - sum(vals[b]) / len(vals[b])
+                parts.append(f"{a} - {b}: {d:+.2f}, p = " + ("n/a" if p is None else f"{p:.3g}"))
+        say(f"Welch two-sided p-values over seeds, {metric}"
+            + (" (the task's main metric)" if i == 0 else "") + ": " + "; ".join(parts))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@ Complete runs are skipped; interrupted or failed ones are started again and resu
 last readable checkpoint (train_net resumes by itself, exactly: see the README's "Resume and
 preemption"); the rest start fresh. A run killed during its final evaluation is evaluated
 again from model_final.pth without training. So a suite killed at any moment and started again
-runs only what is missing or incomplete. Locally the runs go one after another; with --slurm
+runs only what is missing or incomplete. Locally the runs go one after another, or --jobs N at
+a time (on a CPU each gets 1/N of the cores: small runs use 2 one-thread processes better than
+one two-thread process, see BENCHMARKS.md); with --slurm
 each run is one submitit job (or one job array with --array), and a job that SLURM preempts is
 requeued and resumes (--cluster local: submitit's local executor, same requeue logic).
 """
@@ -70,20 +72,58 @@ def plan(tasks, weights, seeds, scale, runs_root):
     return planned
 
 
-def run_local(planned, runs_root, num_gpus=1, extra=()):
+def run_local(planned, runs_root, num_gpus=1, extra=(), jobs=1):
+    """Run what is not complete, `jobs` runs at a time; returns the number of failed runs."""
     todo = [p for p in planned if p.action != "skip"]
-    if console.quiet() and todo:
-        return _run_local_quiet(todo, runs_root, num_gpus, extra)
+    if not todo:
+        return 0
+    if console.quiet():
+        return _run_local_quiet(todo, runs_root, num_gpus, extra, jobs)
     failures = 0
-    for i, p in enumerate(todo):
+
+    def started(i, p):
         print(f"[suite] ({i + 1}/{len(todo)}) {p.action}: {p.task} / {p.weights_name} / "
               f"seed {p.seed}", flush=True)
-        res = subprocess.run(p.command(runs_root, num_gpus, extra))
-        if res.returncode != 0:
+        return subprocess.Popen(p.command(runs_root, num_gpus, extra), env=job_env(jobs))
+
+    for p, proc in _pool(todo, started, jobs):
+        if proc.returncode != 0:
             failures += 1
-            print(f"[suite] run failed (exit {res.returncode}); see {p.run_dir}/status.json",
+            print(f"[suite] run failed (exit {proc.returncode}); see {p.run_dir}/status.json",
                   flush=True)
     return failures
+
+
+def job_env(jobs):
+    """The environment of one of `jobs` concurrent local runs: each gets an equal share of the
+    cores for its intra-op threads, unless OMP_NUM_THREADS already says how many."""
+    env = dict(os.environ)
+    if jobs > 1 and "OMP_NUM_THREADS" not in env:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
+    return env
+
+
+def _pool(todo, start, jobs, poll=None):
+    """Start `start(i, planned_run) -> Popen` for every run, at most `jobs` at a time; yields
+    (planned_run, finished Popen) as they end. `poll(running)` is called while waiting. On an
+    exception (Ctrl-C included) the running processes are terminated: they resume next time."""
+    pending, running = list(enumerate(todo)), []
+    try:
+        while pending or running:
+            while pending and len(running) < max(1, jobs):
+                i, p = pending.pop(0)
+                running.append((i, p, start(i, p)))
+            time.sleep(0.5)
+            for r in [r for r in running if r[2].poll() is not None]:
+                running.remove(r)
+                yield r[1], r[2]
+            if poll is not None:
+                poll(running)
+    finally:
+        for _, _, proc in running:
+            proc.terminate()
+        for _, _, proc in running:
+            proc.wait()
 
 
 def _max_iter(p, extra):
@@ -94,37 +134,47 @@ def _max_iter(p, extra):
         return 1
 
 
-def _run_local_quiet(todo, runs_root, num_gpus, extra):
+def _read_progress(path):
+    try:
+        with open(path) as f:
+            return int(f.read().strip() or 0)
+    except (OSError, ValueError):
+        return 0
+
+
+def _run_local_quiet(todo, runs_root, num_gpus, extra, jobs):
     """The quiet console (transfer/console.py): one progress bar over every iteration of every
     run; each run's terminal output goes to <run>/console.log, its log to <run>/log.txt."""
-
-
-    iters = [_max_iter(p, extra) for p in todo]
-    failures = 0
-    bar = console.bar(sum(iters), f"fine-tuning {len(todo)} runs", unit="it")
+    iters = {id(p): _max_iter(p, extra) for p in todo}
+    failures, finished = 0, 0
+    bar = console.bar(sum(iters.values()), f"fine-tuning {len(todo)} runs"
+                      + (f", {jobs} at a time" if jobs > 1 else ""), unit="it")
     with tempfile.TemporaryDirectory() as tmp:
-        for i, (p, n) in enumerate(zip(todo, iters)):
-            base = bar.n
-            bar.set_postfix_str(f"{p.weights_name} seed {p.seed}", refresh=True)
-            progress = os.path.join(tmp, f"run{i}")
-            env = dict(os.environ, **{console.PROGRESS_ENV: progress})
+        def progress(i):
+            return os.path.join(tmp, f"run{i}")
+
+        def start(i, p):
             os.makedirs(p.run_dir, exist_ok=True)
             with open(os.path.join(p.run_dir, "console.log"), "a") as out:
-                proc = subprocess.Popen(p.command(runs_root, num_gpus, extra), stdout=out,
-                                        stderr=subprocess.STDOUT, env=env)
-                while proc.poll() is None:
-                    time.sleep(0.5)
-                    try:
-                        with open(progress) as f:
-                            done = int(f.read().strip() or 0)
-                        bar.update(base + min(done, n) - bar.n)
-                    except (OSError, ValueError):
-                        pass
-            bar.update(base + n - bar.n)
+                return subprocess.Popen(p.command(runs_root, num_gpus, extra), stdout=out,
+                                        stderr=subprocess.STDOUT,
+                                        env=dict(job_env(jobs),
+                                                 **{console.PROGRESS_ENV: progress(i)}))
+
+        def poll(running):
+            done = finished + sum(min(_read_progress(progress(i)), iters[id(p)])
+                                  for i, p, _ in running)
+            bar.set_postfix_str(", ".join(f"{p.weights_name} seed {p.seed}"
+                                          for _, p, _ in running), refresh=False)
+            bar.update(max(0, done - bar.n))
+
+        for p, proc in _pool(todo, start, jobs, poll):
+            finished += iters[id(p)]
             if proc.returncode != 0:
                 failures += 1
                 bar.write(f"[suite] {p.task} / {p.weights_name} / seed {p.seed} failed (exit "
                           f"{proc.returncode}); see {p.run_dir}/console.log and status.json")
+        bar.update(max(0, finished - bar.n))
     bar.close()
     return failures
 
@@ -185,6 +235,8 @@ def get_parser():
     ap.add_argument("--scale", default="full")
     ap.add_argument("--runs", default="runs")
     ap.add_argument("--num-gpus", type=int, default=1)
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="local runs at a time; on a CPU the cores are shared out among them")
     ap.add_argument("--dry-run", action="store_true", help="list the plan, run nothing")
     ap.add_argument("-v", "--verbose", action="store_true",
                     help="the runs' full logs on the terminal (default when not interactive)")
@@ -222,7 +274,7 @@ def main(argv=None):
     if args.slurm:
         submit_slurm(planned, args.runs, args)
         return 0
-    return 1 if run_local(planned, args.runs, args.num_gpus, args.opts) else 0
+    return 1 if run_local(planned, args.runs, args.num_gpus, args.opts, args.jobs) else 0
 
 
 if __name__ == "__main__":
