@@ -86,7 +86,7 @@ def run_local(planned, runs_root, num_gpus=1, extra=(), jobs=1):
               f"seed {p.seed}", flush=True)
         return subprocess.Popen(p.command(runs_root, num_gpus, extra), env=job_env(jobs))
 
-    for p, proc in _pool(todo, started, jobs):
+    for _, p, proc in _pool(todo, started, jobs):
         if proc.returncode != 0:
             failures += 1
             print(f"[suite] run failed (exit {proc.returncode}); see {p.run_dir}/status.json",
@@ -105,7 +105,7 @@ def job_env(jobs):
 
 def _pool(todo, start, jobs, poll=None):
     """Start `start(i, planned_run) -> Popen` for every run, at most `jobs` at a time; yields
-    (planned_run, finished Popen) as they end. `poll(running)` is called while waiting. On an
+    (i, planned_run, finished Popen) as they end. `poll(running)` is called while waiting. On an
     exception (Ctrl-C included) the running processes are terminated: they resume next time."""
     pending, running = list(enumerate(todo)), []
     try:
@@ -116,7 +116,7 @@ def _pool(todo, start, jobs, poll=None):
             time.sleep(0.5)
             for r in [r for r in running if r[2].poll() is not None]:
                 running.remove(r)
-                yield r[1], r[2]
+                yield r
             if poll is not None:
                 poll(running)
     finally:
@@ -145,9 +145,9 @@ def _read_progress(path):
 def _run_local_quiet(todo, runs_root, num_gpus, extra, jobs):
     """The quiet console (transfer/console.py): one progress bar over every iteration of every
     run; each run's terminal output goes to <run>/console.log, its log to <run>/log.txt."""
-    iters = {id(p): _max_iter(p, extra) for p in todo}
+    iters = [_max_iter(p, extra) for p in todo]
     failures, finished = 0, 0
-    bar = console.bar(sum(iters.values()), f"fine-tuning {len(todo)} runs"
+    bar = console.bar(sum(iters), f"fine-tuning {len(todo)} runs"
                       + (f", {jobs} at a time" if jobs > 1 else ""), unit="it")
     with tempfile.TemporaryDirectory() as tmp:
         def progress(i):
@@ -162,14 +162,14 @@ def _run_local_quiet(todo, runs_root, num_gpus, extra, jobs):
                                                  **{console.PROGRESS_ENV: progress(i)}))
 
         def poll(running):
-            done = finished + sum(min(_read_progress(progress(i)), iters[id(p)])
-                                  for i, p, _ in running)
+            done = finished + sum(min(_read_progress(progress(i)), iters[i])
+                                  for i, _, _ in running)
             bar.set_postfix_str(", ".join(f"{p.weights_name} seed {p.seed}"
                                           for _, p, _ in running), refresh=False)
             bar.update(max(0, done - bar.n))
 
-        for p, proc in _pool(todo, start, jobs, poll):
-            finished += iters[id(p)]
+        for i, p, proc in _pool(todo, start, jobs, poll):
+            finished += iters[i]
             if proc.returncode != 0:
                 failures += 1
                 bar.write(f"[suite] {p.task} / {p.weights_name} / seed {p.seed} failed (exit "
