@@ -3,9 +3,15 @@
 Shuffle BN comes in two forms:
 - under torch.distributed, keys are computed on a batch shuffled across processes and then
   unshuffled, as in the reference code;
-- on one process, every BatchNorm computes its statistics on `num_splits` interleaved groups
-  of the batch (``SplitBatchNorm``), as N GPUs would, and the key encoder sees the batch shuffled
-  before grouping; a query and its own key share statistics only by chance (1/N), as with DDP.
+- on one process, every BatchNorm computes its statistics on `num_splits` groups of the batch
+  (``SplitBatchNorm``: sample n in group n % num_splits), each group standing for one of N
+  processes. The groups are exactly the shards N processes would hold: the sampler gives rank r
+  the global batch's positions r, r + N, ... (``loader.ResumableSampler``), so the queries'
+  groups are the ranks' query batches; the keys are fed in the order that puts in group r what
+  rank r would encode after the cross-process shuffle drawn from the same generator, and they
+  are enqueued in the order the processes' all_gather would give. One process with
+  ``num_splits = N`` therefore computes the N-process step, up to float summation order
+  (tests/test_distributed.py compares the losses with torchrun on 2 processes).
 """
 import torch
 import torch.distributed as dist
@@ -14,16 +20,14 @@ import torch.nn.functional as F
 
 
 class SplitBatchNorm(nn.BatchNorm2d):
-    """BatchNorm whose training statistics are computed per group of samples.
-
-    The batch is partitioned into `num_splits` equal groups without copying it:
-    - NCHW-contiguous input: sample n is in group n % g; groups fold into the channel axis as a
-      free view (N, C, H, W) -> (N / g, g * C, H, W) and one native batch-norm call does all;
-    - channels_last input: group k is the k-th consecutive chunk (as DDP cuts the global batch);
-      each chunk is a view that goes through the native channels_last batch-norm kernel.
-    Either way a query and its key land in the same group only by chance (the key batch is
-    shuffled first). The running statistics are the mean over groups, as averaging per-GPU
-    statistics would be.
+    """BatchNorm whose training statistics are computed per group of samples: sample n of the
+    batch is in group n % `num_splits` (as ``loader.ResumableSampler`` deals the global batch
+    to processes), whatever the memory format, without copying the batch:
+    - NCHW-contiguous input: the groups fold into the channel axis as a free view
+      (N, C, H, W) -> (N / g, g * C, H, W) and one native batch-norm call does all;
+    - otherwise (channels_last): each group is a strided view x[k::g] through the native
+      kernel, written back into an output of the input's memory format.
+    The running statistics are the mean over groups, as averaging per-GPU statistics would be.
     """
 
     def __init__(self, num_features, num_splits, **kw):
@@ -47,14 +51,14 @@ class SplitBatchNorm(nn.BatchNorm2d):
                                self.eps).view(n, c, h, w)
             means, vars_ = mean_split.view(g, c), var_split.view(g, c)
         else:
-            outs, means, vars_ = [], [], []
-            for chunk in x.chunk(g, dim=0):
+            out = torch.empty_like(x)
+            means, vars_ = [], []
+            for k in range(g):
                 rm, rv = self.running_mean.clone(), self.running_var.clone()
-                outs.append(F.batch_norm(chunk, rm, rv, self.weight, self.bias, True,
-                                         self.momentum, self.eps))
+                out[k::g] = F.batch_norm(x[k::g], rm, rv, self.weight, self.bias, True,
+                                         self.momentum, self.eps)
                 means.append(rm)
                 vars_.append(rv)
-            out = torch.cat(outs, dim=0)
             means, vars_ = torch.stack(means), torch.stack(vars_)
         self.running_mean.copy_(means.mean(0))
         self.running_var.copy_(vars_.mean(0))
@@ -134,15 +138,27 @@ class MoCo(nn.Module):
         idx_this = idx_unshuffle.view(num_gpus, -1)[gpu_idx]
         return x_gather[idx_this]
 
+    def gathered_order(self, batch_size):
+        """Global positions in the order N = num_splits processes' all_gather would list them
+        (rank-major: rank r holds positions r, r + N, ...)."""
+        g = self.num_splits
+        return torch.arange(batch_size).view(batch_size // g, g).t().reshape(-1)
+
     @torch.no_grad()
     def compute_keys(self, im_k, generator=None):
         if is_distributed():
             im_k, idx_unshuffle = self._batch_shuffle_ddp(im_k, generator)
             k = F.normalize(self.encoder_k(im_k), dim=1)
             return self._batch_unshuffle_ddp(k, idx_unshuffle)
-        idx_shuffle = torch.randperm(im_k.shape[0], generator=generator).to(im_k.device)
-        k = F.normalize(self.encoder_k(im_k[idx_shuffle]), dim=1)
-        return k[torch.argsort(idx_shuffle)]
+        # the permutation rank 0 would draw and broadcast; rank r would encode the gathered
+        # batch's entries idx_shuffle[r * b:(r + 1) * b], which SplitBatchNorm's group r holds
+        # when they are fed at positions r, r + g, ...
+        n, g = im_k.shape[0], self.num_splits
+        idx_shuffle = torch.randperm(n, generator=generator)
+        feed = self.gathered_order(n)[idx_shuffle.view(g, n // g).t().reshape(-1)]
+        feed = feed.to(im_k.device)
+        k = F.normalize(self.encoder_k(im_k[feed]), dim=1)
+        return k[torch.argsort(feed)]
 
     def forward(self, im_q, im_k, generator=None):
         """Returns (logits, labels): logits[:, 0] is the positive, labels are all 0."""
@@ -155,6 +171,8 @@ class MoCo(nn.Module):
         l_neg = torch.einsum("nc,ck->nk", q, self.queue.clone().detach())
         logits = torch.cat([l_pos, l_neg], dim=1) / self.T
         labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+        if not is_distributed():  # in the order N processes' all_gather would enqueue them
+            k = k[self.gathered_order(k.shape[0]).to(k.device)]
         self._dequeue_and_enqueue(k)
         return logits, labels
 

@@ -18,11 +18,19 @@ logger = logging.getLogger("pretrain")
 
 
 # ---------------------------------------------------------------- processes
-def init_distributed():
-    """Join the process group torchrun/submitit describe in the environment.
+def init_distributed(threads=None):
+    """Join the process group torchrun/submitit describe in the environment: NCCL with one GPU
+    per process, or gloo on a CPU, where the processes of one machine share its cores
+    (`threads` intra-op threads in all, default every core: torchrun's own default is one
+    thread per process).
 
     Returns (rank, world_size, local_rank); (0, 1, 0) for a single process."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    if not torch.cuda.is_available():
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
+            (os.cpu_count() or 1)
+        torch.set_num_threads(max(1, (threads or cores) // local_world))
     if world == 1:
         return 0, 1, 0
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0))
@@ -31,6 +39,16 @@ def init_distributed():
         torch.cuda.set_device(local_rank)
     dist.init_process_group(backend=backend)
     return rank, world, local_rank
+
+
+def mean_over_processes(values):
+    """The mean of each float over every process (all of them must call it); unchanged on
+    one process."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t)
+    return (t / dist.get_world_size()).tolist()
 
 
 def setup_logging(output_dir, rank, to_console=True):
@@ -169,14 +187,19 @@ class Progress:
             except Exception as e:  # tensorboard missing: log files still work
                 logger.warning("TensorBoard disabled: %s", e)
 
+    def logs(self, it):
+        """Whether iteration `it` is logged (the same answer on every process)."""
+        done = it + 1
+        return done % self.print_freq == 0 or done == self.total
+
     def step(self, it, epoch, batch_images, **metrics):
         self.images += batch_images
         done = it + 1
         if self.bar is not None:
             self.bar.update(done - self.bar.n)
-            if "loss" in metrics and done % self.print_freq == 0:
+            if "loss" in metrics:
                 self.bar.set_postfix_str(f"loss {metrics['loss']:.3f}", refresh=False)
-        if self.rank != 0 or (done % self.print_freq and done != self.total):
+        if self.rank != 0 or not self.logs(it):
             return
         now = time.time()
         rate = self.images / max(now - self.t_last, 1e-9)

@@ -77,6 +77,9 @@ def get_args_parser():
     p.add_argument("--knn-data", default="", help="labeled folder for a kNN monitor")
     p.add_argument("--knn-freq", type=int, default=0, help="run the kNN monitor every N epochs")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--threads", type=int, default=None,
+                   help="on a CPU: intra-op threads of all this machine's processes together, "
+                        "shared out among them (default: every core)")
     return p
 
 
@@ -164,7 +167,7 @@ def load_state(model, state_dict):
 
 def main(args):
     args = resolve_args(args)
-    rank, world, local_rank = engine.init_distributed()
+    rank, world, local_rank = engine.init_distributed(args.threads)
     engine.setup_logging(args.output, rank, to_console=not args.quiet)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu")
                           if args.device == "auto" else args.device)
@@ -246,8 +249,12 @@ def main(args):
             loss, logits, labels = train_step(model, criterion, optimizer, scaler, im_q, im_k,
                                               device, amp_dtype, channels_last, gen)
             acc1, acc5 = engine.accuracy(logits, labels, topk=(1, 5))
-            progress.step(it, epoch, args.batch_size, loss=loss.item(), acc1=acc1, acc5=acc5,
-                          lr=lr)
+            if progress.logs(it):  # the global batch's loss and accuracy (equal shares)
+                loss_all, acc1, acc5 = engine.mean_over_processes([loss.item(), acc1, acc5])
+                progress.step(it, epoch, args.batch_size, loss=loss_all, acc1=acc1, acc5=acc5,
+                              lr=lr)
+            else:
+                progress.step(it, epoch, args.batch_size)
             it += 1
             end_of_epoch = it % bpe == 0
             if rank == 0 and (end_of_epoch or it == total_iters or

@@ -5,8 +5,8 @@ Statistics, stated under every table:
 - the delta of a row is its mean minus the supervised row's mean, e.g. "55.9 (+2.4)";
 - "*" marks a delta significant at p < 0.05 under Welch's two-sided t-test over seeds
   (needs at least 2 complete seeds on both rows; otherwise no mark can be given).
-Runs are averaged only with runs of the same task, scale and protocol (schedule, batch, lr,
-norm, GPUs, input sizes); runs that did not complete are listed under the table with the reason.
+Runs are averaged only with runs of the same task, scale and protocol (schedule, global batch,
+lr, norm, input sizes, deviations; not the process count, which does not change the protocol); runs that did not complete are listed under the table with the reason.
 """
 import json
 import math
@@ -71,10 +71,12 @@ def describe_protocol(task, protocol_json):
         return f"{task}: protocol unknown"
     sizes = p.get("min_size_train", [])
     size_txt = f"{min(sizes)}-{max(sizes)}" if sizes else "?"
-    return (f"{task}: {p['max_iter']} iterations, lr steps {p['steps']}, batch "
+    text = (f"{task}: {p['max_iter']} iterations, lr steps {p['steps']}, global batch "
             f"{p['ims_per_batch']}, lr {p['base_lr']}, warmup {p['warmup_iters']}, norm "
-            f"{p['norm']}, {p['num_gpus']} GPU(s), train short side {size_txt}, test "
-            f"{p['min_size_test']}, scale {p['scale']}")
+            f"{p['norm']}, train short side {size_txt}, test {p['min_size_test']}, scale "
+            f"{p['scale']}")
+    deviations = p.get("deviations") or []
+    return text + "".join(f"; DEVIATION: {d}" for d in deviations)
 
 
 @dataclass

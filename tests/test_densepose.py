@@ -541,7 +541,7 @@ def test_densepose_smoke_training_lowers_loss_infers_and_evaluates(dp_root, tmp_
 
     task = "coco_densepose_fpn_s1x"
     run(["--task", task, "--weights", "random", "--scale", "smoke", "--runs", str(tmp_path),
-         "SOLVER.MAX_ITER", "20", "SOLVER.BASE_LR", "0.002"])
+         "SOLVER.MAX_ITER", "20", "SOLVER.BASE_LR", "0.001"])
     out = os.path.join(tmp_path, f"{task}@smoke", "random", "seed0")
     with open(os.path.join(out, "results.json")) as f:
         res = json.load(f)

@@ -114,10 +114,20 @@ def test_key_shuffle_changes_the_keys_under_split_batchnorm():
     torch.manual_seed(2)
     x = torch.randn(8, 3, 32, 32)
     k = model.compute_keys(x, generator=torch.Generator().manual_seed(4))
-    perm = torch.randperm(8, generator=torch.Generator().manual_seed(4))
+    perm = torch.randperm(8, generator=torch.Generator().manual_seed(4)).tolist()
+    # 2 processes of 4: rank r holds positions r, r + 2, ...; all_gather lists rank 0's then
+    # rank 1's; after the shuffle rank r encodes gathered entries perm[4r:4r + 4], which the
+    # single process must put in group r (positions r, r + 2, ...)
+    gathered = [0, 2, 4, 6, 1, 3, 5, 7]
+    feed = [None] * 8
+    for r in range(2):
+        for i in range(4):
+            feed[i * 2 + r] = gathered[perm[4 * r + i]]
+    assert sorted(feed) == list(range(8)) and feed != perm
+    feed = torch.tensor(feed)
     ref = small_moco(num_splits=2).encoder_k  # the same initial weights
     unshuffled = nn.functional.normalize(ref(x), dim=1)
-    expected = nn.functional.normalize(ref(x[perm]), dim=1)[torch.argsort(perm)]
+    expected = nn.functional.normalize(ref(x[feed]), dim=1)[torch.argsort(feed)]
     torch.testing.assert_close(k, expected, atol=1e-5, rtol=1e-5)
     assert (k - unshuffled).abs().max() > 1e-3
 
@@ -126,13 +136,12 @@ def test_key_shuffle_changes_the_keys_under_split_batchnorm():
 def test_split_batchnorm_equals_per_group_batchnorm(channels_last):
     torch.manual_seed(0)
     x = torch.randn(8, 3, 4, 4)
-    if channels_last:  # groups = consecutive chunks
+    if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-        groups = [torch.arange(2 * g, 2 * g + 2) for g in range(4)]
-    else:  # groups = samples n with n % 4 == g
-        groups = [torch.arange(g, 8, 4) for g in range(4)]
+    groups = [torch.arange(g, 8, 4) for g in range(4)]  # samples n with n % 4 == g, either way
     split = SplitBatchNorm(3, num_splits=4)
     out = split(x)
+    assert out.is_contiguous(memory_format=torch.channels_last) == channels_last
     for idx in groups:
         torch.testing.assert_close(out[idx], nn.BatchNorm2d(3)(x[idx]), atol=1e-5, rtol=1e-5)
     expected_mean = 0.1 * torch.stack([x[idx].mean(dim=(0, 2, 3)) for idx in groups]).mean(0)

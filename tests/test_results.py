@@ -13,7 +13,7 @@ from tests.conftest import requires_shared
 
 PROTOCOL = {"max_iter": 24000, "steps": [18000, 22000], "ims_per_batch": 16, "base_lr": 0.02,
             "warmup_iters": 100, "norm": "naiveSyncBN", "min_size_train": [480, 800],
-            "min_size_test": 800, "num_gpus": 8, "scale": "full", "reference_world_size": 0}
+            "min_size_test": 800, "scale": "full", "deviations": []}
 METRICS = ["bbox/AP50", "bbox/AP", "bbox/AP75"]
 PAPER_TABLE = "Table 2b: VOC, Faster R-CNN R50-C4"  # as the harness records it (run_dir.run_record)
 
@@ -92,7 +92,7 @@ def test_tables_from_a_run_tree(tree):
     assert frame.loc["paper: MoCo IN-1M", "bbox/AP"] == "55.9"
     notes = "\n".join(main.notes())
     assert "moco / seed 3: diverged (FloatingPointError: Loss became NaN)" in notes
-    assert "24000 iterations" in notes and "8 GPU(s)" in notes and "ddof=1" in notes
+    assert "24000 iterations" in notes and "global batch 16" in notes and "ddof=1" in notes
     assert "protocol variant 2" in other.title
     assert other.frame().loc["random init", "bbox/AP50"] == "99.0 (1)"
     assert "12000 iterations" in "\n".join(other.notes())

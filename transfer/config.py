@@ -8,6 +8,7 @@ import difflib
 import torch
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg as d2_get_cfg
+from detectron2.engine import DefaultTrainer
 
 import transfer.densepose  # noqa: F401  (registers DensePose's heads, datasets, evaluator)
 import transfer.modeling  # noqa: F401  (registers Res5ROIHeadsExtraNorm, DC5 backbone)
@@ -36,7 +37,11 @@ def add_moco_transfer_config(cfg):
     cfg.MOCO_TRANSFER.WEIGHTS_SHA256 = ""
     cfg.MOCO_TRANSFER.WEIGHTS_FORMAT = ""
     cfg.MOCO_TRANSFER.SCALE = "full"
+    # processes of the run (GPUs, or gloo processes on a CPU): a record, not the protocol; the
+    # protocol's batch is SOLVER.IMS_PER_BATCH, the global batch, whatever the process count
     cfg.MOCO_TRANSFER.NUM_GPUS = 1
+    # where the run departs from its task's protocol, in words (shown under the tables)
+    cfg.MOCO_TRANSFER.DEVIATIONS = []
 
 
 def get_cfg():
@@ -102,9 +107,37 @@ def scale_smoke(cfg, max_iter=20):
 SCALES = {"full": scale_full, "smoke": scale_smoke}
 
 
-def setup_cfg(task, weights="random", seed=0, scale="full", overrides=(), output=None,
-              num_gpus=1, runs_root="runs"):
-    """The fully resolved config of one run."""
+def split_global_batch(cfg, world_size):
+    """SOLVER.IMS_PER_BATCH is the global batch, shared equally by the run's processes. With
+    SOLVER.REFERENCE_WORLD_SIZE R (detectron2's key), the per-process batch of R processes is
+    kept instead and detectron2's linear rule scales the global batch, lr and schedule to
+    `world_size` processes (``DefaultTrainer.auto_scale_workers``): a smaller global batch when
+    memory forces it, recorded in MOCO_TRANSFER.DEVIATIONS. Returns the config."""
+    reference = cfg.SOLVER.REFERENCE_WORLD_SIZE
+    if reference and reference != world_size:
+        before = (cfg.SOLVER.IMS_PER_BATCH, cfg.SOLVER.BASE_LR, cfg.SOLVER.MAX_ITER)
+        if cfg.SOLVER.IMS_PER_BATCH % reference or \
+                cfg.SOLVER.IMS_PER_BATCH * world_size % reference:
+            raise ConfigError(
+                f"SOLVER.REFERENCE_WORLD_SIZE {reference}: a global batch of "
+                f"{cfg.SOLVER.IMS_PER_BATCH} on {reference} processes does not scale to "
+                f"{world_size} process(es) with the same batch per process")
+        cfg = DefaultTrainer.auto_scale_workers(cfg, world_size)
+        cfg.MOCO_TRANSFER.DEVIATIONS = list(cfg.MOCO_TRANSFER.DEVIATIONS) + [
+            f"global batch {cfg.SOLVER.IMS_PER_BATCH} instead of {before[0]} "
+            f"({cfg.SOLVER.IMS_PER_BATCH // world_size} per process on {world_size} instead "
+            f"of {reference}): linear lr rule, lr {before[1]:g} -> {cfg.SOLVER.BASE_LR:g}, "
+            f"{before[2]} -> {cfg.SOLVER.MAX_ITER} iterations"]
+    if cfg.SOLVER.IMS_PER_BATCH % world_size:
+        raise ConfigError(
+            f"SOLVER.IMS_PER_BATCH {cfg.SOLVER.IMS_PER_BATCH} (the global batch) does not "
+            f"divide among {world_size} processes; use a process count that divides it")
+    return cfg
+
+
+def setup_cfg(task, weights="random", *, seed=0, scale="full", overrides=(), output=None,
+              world_size=1, runs_root="runs"):
+    """The fully resolved config of one run of `world_size` processes."""
     cfg = load_task_config(task)
     name, wcfg = weights_overrides(weights)
     cfg.merge_from_list([x for kv in wcfg.items() for x in kv])
@@ -122,13 +155,14 @@ def setup_cfg(task, weights="random", seed=0, scale="full", overrides=(), output
     else:
         SCALES[scale](cfg)
     cfg.MOCO_TRANSFER.SCALE = scale
-    cfg.MOCO_TRANSFER.NUM_GPUS = num_gpus
+    cfg.MOCO_TRANSFER.NUM_GPUS = world_size
     cfg.SEED = seed
     if not torch.cuda.is_available():
         cfg.MODEL.DEVICE = "cpu"
     cfg.OUTPUT_DIR = output or run_dir(runs_root, task, name, seed, scale)
     apply_speed_defaults(cfg)  # before the overrides: DATALOADER.NUM_WORKERS N still wins
     apply_overrides(cfg, overrides)
+    cfg = split_global_batch(cfg, world_size)
     cfg.freeze()
     return cfg
 

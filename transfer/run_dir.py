@@ -29,21 +29,30 @@ def run_dir(runs_root, task, weights_name, seed, scale="full"):
 
 
 def protocol_of(cfg):
-    """The settings that must agree for runs to be averaged together."""
+    """The settings that must agree for runs to be averaged together. The process count is not
+    one of them: the batch is the global batch, and with naiveSyncBN the BN statistics are the
+    global batch's, so 1 x 16 and 8 x 2 images are the same protocol (``processes_of``)."""
     return {
         "max_iter": cfg.SOLVER.MAX_ITER, "steps": list(cfg.SOLVER.STEPS),
         "ims_per_batch": cfg.SOLVER.IMS_PER_BATCH, "base_lr": cfg.SOLVER.BASE_LR,
         "warmup_iters": cfg.SOLVER.WARMUP_ITERS, "norm": cfg.MODEL.RESNETS.NORM,
         "min_size_train": list(cfg.INPUT.MIN_SIZE_TRAIN), "min_size_test": cfg.INPUT.MIN_SIZE_TEST,
-        "num_gpus": cfg.MOCO_TRANSFER.NUM_GPUS, "scale": cfg.MOCO_TRANSFER.SCALE,
-        "reference_world_size": cfg.SOLVER.REFERENCE_WORLD_SIZE,
+        "scale": cfg.MOCO_TRANSFER.SCALE, "deviations": list(cfg.MOCO_TRANSFER.DEVIATIONS),
     }
+
+
+def processes_of(cfg):
+    """How the run was laid out: a record beside the protocol, not part of it."""
+    world = cfg.MOCO_TRANSFER.NUM_GPUS
+    return {"world_size": world, "ims_per_process": cfg.SOLVER.IMS_PER_BATCH // world,
+            "device": cfg.MODEL.DEVICE}
 
 
 def run_record(cfg, **extra):
     return {"task": cfg.MOCO_TRANSFER.TASK, "weights": cfg.MOCO_TRANSFER.WEIGHTS,
             "weights_file": cfg.MODEL.WEIGHTS, "weights_sha256": cfg.MOCO_TRANSFER.WEIGHTS_SHA256,
             "seed": cfg.SEED, "scale": cfg.MOCO_TRANSFER.SCALE, "protocol": protocol_of(cfg),
+            "processes": processes_of(cfg),
             "paper_table": cfg.MOCO_TRANSFER.PAPER_TABLE,
             "description": cfg.MOCO_TRANSFER.DESCRIPTION,
             "metrics_wanted": list(cfg.MOCO_TRANSFER.METRICS), **extra}
@@ -73,6 +82,20 @@ def write_stopped(cfg, error):
         state = "interrupted"
     _write(run_record(cfg, state=state, reason=f"{type(error).__name__}: {error}",
                       traceback=traceback.format_exc()), cfg, STATUS_FILE)
+
+
+def write_stopped_if_running(cfg, error):
+    """write_stopped, unless the run's own processes already wrote how it ended (a process
+    stopped by the launcher, because another one failed, cannot)."""
+    try:
+        with open(os.path.join(cfg.OUTPUT_DIR, STATUS_FILE)) as f:
+            if json.load(f).get("state") != "running":
+                return
+    except OSError:  # never started
+        return
+    except ValueError:  # unreadable: say how it ended
+        pass
+    write_stopped(cfg, error)
 
 
 def write_results(cfg, results):

@@ -2,12 +2,19 @@
 
     python -m transfer.train_net --task voc_frcnn_c4_24k --weights moco.pkl --seed 0
     python -m transfer.train_net --task coco_mask_fpn_2x --weights supervised --num-gpus 8
+    python -m transfer.train_net --task synthetic_frcnn_fpn_1k --scale smoke --num-gpus 2  # CPU
+    torchrun --nproc_per_node 8 -m transfer.train_net --task coco_mask_fpn_2x ...
     python -m transfer.train_net --task voc_frcnn_c4_24k --weights random --dry-run
     ... [KEY VALUE ...]   detectron2 config overrides, applied last
 
 Each run writes <runs>/<task>/<weights>/seed<k>/ (``run_dir.py`` lists the files). An
 interrupted run resumes from its last readable checkpoint when started again with the same
 arguments, always: detectron2's ``--resume`` is accepted and implied.
+
+Processes (``launch.py``): ``--num-gpus N`` starts N processes on this machine (NCCL, one GPU
+each; on a CPU, gloo with the cores shared out), ``--num-machines/--machine-rank/--dist-url``
+span machines, and processes started by torchrun or SLURM are recognised from their
+environment. SOLVER.IMS_PER_BATCH is the global batch whatever the process count.
 """
 import json
 import logging
@@ -15,7 +22,7 @@ import os
 import sys
 
 import detectron2.utils.comm as comm
-from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.engine import default_argument_parser, default_setup
 from detectron2.utils.logger import setup_logger
 
 from transfer import console, run_dir
@@ -23,17 +30,21 @@ from transfer.config import setup_cfg
 from transfer.configs import task_config_path
 from transfer.datasets import DatasetMissing, check_datasets
 from transfer.errors import ConfigError, UserError
+from transfer.launch import external_layout, launch, launch_external
 from transfer.trainer import Trainer
 
 logger = logging.getLogger("transfer")
 
 
+def resolve(args, world_size):
+    return setup_cfg(args.task, args.weights, seed=args.seed, scale=args.scale,
+                     overrides=args.opts, output=args.output, world_size=world_size,
+                     runs_root=args.runs)
+
+
 def main(args):
-    cfg = setup_cfg(args.task, args.weights, args.seed, args.scale, args.opts, args.output,
-                    args.num_gpus, args.runs)
-    if args.dry_run:
-        print(cfg.dump())
-        return None
+    """One process's part of the run (every process runs it)."""
+    cfg = resolve(args, comm.get_world_size())
     check_datasets(list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST))
     default_setup(cfg, args)
     # this project's messages (checkpoint fallback, sampling) in the run's log.txt too
@@ -47,8 +58,7 @@ def main(args):
         else:
             trainer = Trainer(cfg)
             trainer.resume_or_load(resume=True)
-            trainer.train()
-            results = getattr(trainer, "_last_eval_results", None)
+            results = trainer.train()
     except BaseException as e:
         if comm.is_main_process():
             run_dir.write_stopped(cfg, e)
@@ -71,6 +81,9 @@ def get_parser():
     p.add_argument("--output", default=None, help="run directory (default <runs>/<task>/...)")
     p.add_argument("--runs", default="runs", help="root of the run directories")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--threads", type=int, default=None,
+                   help="on a CPU: intra-op threads of the whole run on this machine, shared "
+                        "out among its processes (default: every core)")
     p.set_defaults(dist_url="auto")
     return p
 
@@ -93,10 +106,23 @@ def parse_args(argv=None):
 
 def run(argv=None):
     args = parse_args(argv)
-    if args.dry_run or args.num_gpus * args.num_machines == 1:
-        return main(args)
-    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-           dist_url=args.dist_url, args=(args,))
+    layout = external_layout(os.environ)  # started by torchrun / SLURM: this process only
+    world = layout.world_size if layout else args.num_gpus * args.num_machines
+    cfg = resolve(args, world)  # the user's mistakes show here, before any process starts
+    if args.dry_run:
+        print(cfg.dump())
+        return None
+    if layout:
+        return launch_external(main, layout, args=(args,), threads=args.threads)
+    check_datasets(list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST))
+    try:
+        return launch(main, args.num_gpus, num_machines=args.num_machines,
+                      machine_rank=args.machine_rank, dist_url=args.dist_url, args=(args,),
+                      threads=args.threads)
+    except BaseException as e:  # processes stopped from outside could not say so themselves
+        if args.machine_rank == 0:
+            run_dir.write_stopped_if_running(cfg, e)
+        raise
 
 
 def cli(argv=None):

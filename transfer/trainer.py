@@ -5,46 +5,53 @@
 - evaluation: the dataset's registered evaluator (``evaluators.py``);
 - weights: ``TransferCheckpointer`` for pretrained weights, checkpoints and resume
   (``checkpoint.py``); the optimizer is checkpointed too, so a resumed run is the same run;
-- PreciseBN on its own deterministic stream, averaged over processes.
+- PreciseBN on its own deterministic stream, with the global batch's statistics
+  (``precise_bn.py``);
+- DDP fitted to the device (gloo processes on a CPU as well as NCCL on GPUs).
 """
 import logging
 import os
 import weakref
 
-import torch
 import detectron2.utils.comm as comm
 from detectron2.data import build_detection_test_loader
-from detectron2.engine import DefaultTrainer, hooks
-from fvcore.nn.precise_bn import get_bn_modules
+from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, hooks
+from detectron2.engine.defaults import create_ddp_model
+from detectron2.evaluation import verify_results
 
 from transfer import console, sampling, speed
 from transfer.checkpoint import TransferCheckpointer
 from transfer.datasets import build_mapper
 from transfer.evaluators import build_evaluator
+from transfer.precise_bn import GlobalPreciseBN
 from transfer.run_dir import METRICS_FILE, trim_metrics
 
 logger = logging.getLogger("transfer")
 
 
-class SyncedPreciseBN(hooks.PreciseBN):
-    """PreciseBN whose recomputed statistics are averaged over all processes (detectron2's
-    hook recomputes them per process, and only rank 0's are saved and evaluated), on batches
-    fixed by the iteration it runs after (its own stream of the deterministic loader), so a
-    resumed run recomputes the same statistics."""
-
-    def update_stats(self):
-        self._data_loader.start_iter = self.trainer.iter
-        self._data_iter = iter(self._data_loader)
-        super().update_stats()
-        if comm.get_world_size() == 1:
-            return
-        for bn in get_bn_modules(self._model):
-            for buf in (bn.running_mean, bn.running_var):
-                torch.distributed.all_reduce(buf)
-                buf /= comm.get_world_size()
-
-
 class Trainer(DefaultTrainer):
+    def __init__(self, cfg):
+        """DefaultTrainer's construction, with the DDP wrapper fitted to the device: detectron2
+        v0.6 always gives DDP ``device_ids=[local rank]``, which torch refuses for a model on a
+        CPU (gloo processes). The config comes resolved (``config.setup_cfg`` already applied
+        ``auto_scale_workers``)."""
+        TrainerBase.__init__(self)
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        on_gpu = cfg.MODEL.DEVICE.startswith("cuda")
+        model = create_ddp_model(model, broadcast_buffers=False,
+                                 device_ids=[comm.get_local_rank()] if on_gpu else None)
+        self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(
+            model, data_loader, optimizer)
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = self.checkpointer_for(model, cfg, trainer=weakref.proxy(self))
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.eval_results = None
+        self.register_hooks(self.build_hooks())
+
     @classmethod
     def build_optimizer(cls, cfg, model):
         return speed.foreach_sgd(super().build_optimizer(cfg, model))
@@ -69,21 +76,42 @@ class Trainer(DefaultTrainer):
         return TransferCheckpointer(model, cfg.OUTPUT_DIR, **checkpointables)
 
     def build_hooks(self):
-        # DefaultTrainer builds its checkpointer just before the hooks; the periodic
-        # checkpointer hook must get the atomic one
-        self.checkpointer = self.checkpointer_for(self.model, self.cfg,
-                                                  trainer=weakref.proxy(self))
-        hook_list = [sampling.SeedEachIteration(self.cfg.SEED)] + super().build_hooks()
-        for i, h in enumerate(hook_list):
-            if type(h) is hooks.PeriodicWriter and self.cfg.MOCO_TRANSFER.SCALE != "full":
-                hook_list[i] = hooks.PeriodicWriter(self.build_writers(),
-                                                    period=speed.writer_period(self.cfg))
-            if type(h) is hooks.PreciseBN:  # same period/model, synced statistics
-                hook_list[i] = SyncedPreciseBN(
-                    self.cfg.TEST.EVAL_PERIOD, self.model,
-                    self.build_train_loader(self.cfg, sampling.PRECISE_BN, num_workers=0),
-                    self.cfg.TEST.PRECISE_BN.NUM_ITER)
-        return hook_list + console.progress_hooks(self.cfg)
+        """DefaultTrainer's hooks in its order, built here rather than replaced after the fact:
+        per-iteration seeds first; PreciseBN with the global batch's statistics on its own
+        deterministic stream (precise_bn.py), before the checkpointer so that the saved
+        weights carry them; the evaluation keeps its results (``eval_results``); the writers
+        every ``speed.writer_period`` iterations; the quiet console's progress."""
+        cfg = self.cfg
+        hook_list = [sampling.SeedEachIteration(cfg.SEED), hooks.IterationTimer(),
+                     hooks.LRScheduler()]
+        if cfg.TEST.PRECISE_BN.ENABLED:
+            hook_list.append(GlobalPreciseBN(
+                cfg.TEST.EVAL_PERIOD, self.model,
+                self.build_train_loader(cfg, sampling.PRECISE_BN, num_workers=0),
+                cfg.TEST.PRECISE_BN.NUM_ITER))
+        if comm.is_main_process():
+            hook_list.append(hooks.PeriodicCheckpointer(self.checkpointer,
+                                                        cfg.SOLVER.CHECKPOINT_PERIOD))
+        hook_list.append(hooks.EvalHook(cfg.TEST.EVAL_PERIOD, self.evaluate))
+        if comm.is_main_process():
+            # the progress bar (or the suite's progress file) belongs to the main process
+            hook_list += [hooks.PeriodicWriter(self.build_writers(),
+                                               period=speed.writer_period(cfg)),
+                          *console.progress_hooks(cfg)]
+        return hook_list
+
+    def evaluate(self):
+        """The evaluation hook's call: evaluate on the test sets and keep the results."""
+        self.eval_results = self.test(self.cfg, self.model)
+        return self.eval_results
+
+    def train(self):
+        """Train from ``start_iter``; returns the last evaluation's results (None where
+        evaluation was off), on every process (only the main one's are complete)."""
+        TrainerBase.train(self, self.start_iter, self.max_iter)
+        if len(self.cfg.TEST.EXPECTED_RESULTS) and comm.is_main_process():
+            verify_results(self.cfg, self.eval_results)
+        return self.eval_results
 
     def state_dict(self):
         """detectron2 v0.6 checkpoints the iteration and the scheduler only: add the optimizer

@@ -1,0 +1,344 @@
+"""The protocol's process layout, executed on a CPU: N gloo processes, as NCCL runs them on
+N GPUs, against one process with the same global batch.
+
+Transfer runs use the demo task (Faster R-CNN R18-FPN, naiveSyncBN, PreciseBN) at smoke scale
+on 64-pixel generated scenes, with a global batch of 4 images: 1 process x 4 or 2 x 2. For the
+two to be the same computation up to float summation order, the comparison removes what
+legitimately differs with the layout:
+- the model's own random draws, which come from each process's generator (as in detectron2):
+  every anchor and every proposal goes through the losses (the RPN and ROI batch sizes give
+  quotas above the counts: 1023 anchors of a 64-pixel image against 2048 x 0.5, 1023 proposals
+  against 4096 x 0.25);
+- per-image counts that make a mean of per-process means differ from the global mean: every
+  image has the same size (no padding differences) and gives the ROI heads all its 1023
+  anchors as proposals (no NMS, no top-k cut, no ground truth appended);
+- the top-k cut and NMS are also discrete choices among near-tied scores of an untrained RPN,
+  which float noise flips (measured with a top-32 cut: equal to 1e-7 for two iterations, then
+  3e-4 apart; without the cut, 6e-7 for three).
+What is left to differ is the order of float additions.
+
+Tolerances. float32 has a unit roundoff of u = 6e-8; a sum of n terms in another order moves
+by a few u times log2(n) for the blocked/pairwise sums of BLAS and oneDNN, and by at most n*u in
+the worst case. The largest sums here have n <= 1e4 terms: the losses of the first three
+iterations (the forward pass, then after one and two DDP steps) differ by <= 7e-7 (measured).
+LOSS_RTOL = 1e-5 sits above that with margin and far below what a real fault gives: the same
+run with BN not synchronised across the 2 processes (the control below) differs by percents at
+the first iteration. Later iterations are not compared: with thousands of proposals per
+iteration, float noise starts to flip the fg/bg label of a proposal at IoU 0.5 (measured 5e-5 at
+the fourth iteration, 5e-3 at the sixth), which no tolerance can tell from a fault.
+BN statistics (PreciseBN's, after the last iteration) come from weights that already carry
+three steps of that float noise, and go through E[x^2] - E[x]^2 on several processes
+(detectron2's NaiveSyncBatchNorm) against a two-pass variance on one, whose cancellation costs
+u * (mean^2 + var) / var: measured <= 3e-5 of a standard deviation on the means and 2.2e-4
+relative on the variances. BN_RTOL = 1e-3; statistics of each process's own share, or
+fvcore's Bessel correction applied with the local count (the fault precise_bn.py fixes), are
+off by 1/n per layer: 0.2% at res2 (n = 512) to 12% at res5 (n = 8).
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import ROOT
+from tests.test_faults import assert_same_weights, env_for, finish, kill_when, log_has, start
+
+TASK = "synthetic_frcnn_fpn_1k"
+SAME_COMPUTATION = [
+    "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "128",
+    "MODEL.RPN.BATCH_SIZE_PER_IMAGE", "2048", "MODEL.RPN.NMS_THRESH", "1.0",
+    "MODEL.RPN.PRE_NMS_TOPK_TRAIN", "2000", "MODEL.RPN.POST_NMS_TOPK_TRAIN", "2000",
+    "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "4096", "MODEL.ROI_HEADS.PROPOSAL_APPEND_GT", "False",
+    "SOLVER.IMS_PER_BATCH", "4", "SOLVER.MAX_ITER", "3", "SOLVER.CHECKPOINT_PERIOD", "1",
+    "TEST.PRECISE_BN.NUM_ITER", "2"]
+LOSS_RTOL = 1e-5
+BN_RTOL = 1e-3
+
+
+def synthetic_root(path, n_train=16, n_val=12):
+    from pretrain import synthetic
+
+    synthetic.generate(os.path.join(path, "synthetic"), n_unlabeled=0, n_labeled_per_class=0,
+                       n_train=n_train, n_val=n_val, quiet=True)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return synthetic_root(tmp_path_factory.mktemp("dist-datasets"))
+
+
+def record(data, out_dir, num_gpus, *opts):
+    """A run through tests/dist_worker.py (the launcher, plus a record of the image ids each
+    rank loaded and of every iteration's raw losses)."""
+    out = os.path.join(out_dir, "record.json")
+    cmd = [sys.executable, "-m", "tests.dist_worker", out, "--num-gpus", str(num_gpus),
+           "--task", TASK, "--scale", "smoke", "--output", out_dir, *SAME_COMPUTATION, *opts]
+    finish(cmd, env_for(data), os.path.join(os.path.dirname(out_dir), "log.txt"))
+    with open(out) as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def runs(data, tmp_path_factory):
+    """The same run on 1 process, on 2, and on 2 without synchronised BN (the control)."""
+    root = tmp_path_factory.mktemp("dist-runs")
+    return {
+        "one": (record(data, str(root / "one"), 1), str(root / "one")),
+        "two": (record(data, str(root / "two"), 2), str(root / "two")),
+        "unsynced": (record(data, str(root / "unsynced"), 2, "MODEL.RESNETS.NORM", "BN",
+                            "MODEL.FPN.NORM", "BN", "SOLVER.MAX_ITER", "1",
+                            "TEST.PRECISE_BN.ENABLED", "False"), str(root / "unsynced")),
+    }
+
+
+def relative(a, b):
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return np.abs(a - b) / np.maximum(np.abs(a), 1e-12)
+
+
+# ---------------------------------------------------------------- the global batch
+def test_each_global_batch_is_dealt_out_once_whatever_the_process_count():
+    from transfer.sampling import IterationBatches
+
+    rng = np.random.default_rng(0)
+    groups = rng.integers(0, 2, size=37)  # two aspect-ratio buckets
+    factors = rng.uniform(0.5, 2.5, size=37)  # LVIS-style repeat factors
+    for kw in ({}, {"repeat_factors": factors}):
+        one = list(zip(range(40), IterationBatches(groups, 8, seed=3, **kw)))
+        for world in (2, 4, 8):
+            shards = [IterationBatches(groups, 8, seed=3, rank=r, world_size=world, **kw)
+                      for r in range(world)]
+            for (it, whole), *parts in zip(one, *shards):
+                assert all(len(p) == 8 // world for p in parts)
+                assert [x for p in parts for x in p] == whole, (world, it)  # (index, seed)
+
+
+def test_global_batch_that_does_not_divide_is_refused_in_one_line(data, tmp_path):
+    res = subprocess.run([sys.executable, "-m", "transfer.train_net", "--task", TASK,
+                          "--scale", "smoke", "--num-gpus", "3", "--runs", str(tmp_path),
+                          "SOLVER.IMS_PER_BATCH", "4"], cwd=ROOT, env=env_for(data),
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0
+    lines = res.stderr.strip().splitlines()
+    assert lines == ["error: SOLVER.IMS_PER_BATCH 4 (the global batch) does not divide among 3 "
+                     "processes; use a process count that divides it"], res.stderr[-2000:]
+    assert not os.listdir(tmp_path)  # no process was started, no run directory
+
+
+def test_smaller_global_batch_follows_the_linear_rule_and_is_recorded_as_a_deviation():
+    from results.tables import describe_protocol
+    from transfer.config import setup_cfg
+    from transfer.run_dir import processes_of, protocol_of
+
+    paper = setup_cfg("coco_mask_fpn_1x", "random", world_size=8)
+    assert (paper.SOLVER.IMS_PER_BATCH, paper.SOLVER.BASE_LR) == (16, 0.02)
+    one = setup_cfg("coco_mask_fpn_1x", "random", world_size=1)
+    assert protocol_of(one) == protocol_of(paper)  # 1 x 16 and 8 x 2: the same protocol
+    assert processes_of(one)["ims_per_process"] == 16 and \
+        processes_of(paper)["ims_per_process"] == 2
+
+    small = setup_cfg("coco_mask_fpn_1x", "random", world_size=2,
+                      overrides=["SOLVER.REFERENCE_WORLD_SIZE", "8"])
+    assert small.SOLVER.IMS_PER_BATCH == 4 and small.SOLVER.BASE_LR == pytest.approx(0.005)
+    assert small.SOLVER.MAX_ITER == 360000 and tuple(small.SOLVER.STEPS) == (240000, 320000)
+    assert small.SOLVER.WARMUP_ITERS == 4000
+    protocol = protocol_of(small)
+    assert protocol["deviations"] == [
+        "global batch 4 instead of 16 (2 per process on 2 instead of 8): linear lr rule, lr "
+        "0.02 -> 0.005, 90000 -> 360000 iterations"]
+    assert protocol != protocol_of(paper)  # its own row group in the tables
+    assert "DEVIATION: global batch 4 instead of 16" in describe_protocol(
+        "coco_mask_fpn_1x", json.dumps(protocol))
+
+
+# ---------------------------------------------------------------- 2 processes = 1 process
+def test_two_processes_train_as_one_process_on_the_same_global_batches(runs):
+    one, two, unsynced = (runs[k][0] for k in ("one", "two", "unsynced"))
+    assert (one["world_size"], two["world_size"]) == (1, 2)
+    # the launcher gave detectron2's comm its per-machine group (transfer/launch.py's one
+    # reach-in into detectron2): local ranks 0 and 1 of a local group of 2
+    assert two["local"] == [[0, 2], [1, 2]] and one["local"] == [[0, 1]]
+    # every image of each global batch, exactly once across the ranks, in the global order
+    assert len(one["image_ids"]) == len(two["image_ids"]) == 3
+    for (whole,), (rank0, rank1) in zip(one["image_ids"], two["image_ids"]):
+        assert len(rank0) == len(rank1) == 2 and rank0 + rank1 == whole
+    for name, values in one["losses"].items():
+        assert relative(values, two["losses"][name]).max() < LOSS_RTOL, name
+    # the control: without synchronised BN the first loss already differs by far more
+    assert relative(one["losses"]["total_loss"][:1], unsynced["losses"]["total_loss"][:1])[0] \
+        > 100 * LOSS_RTOL
+
+
+def test_bn_statistics_are_those_of_the_global_batch_precise_bn_included(runs):
+    """The final weights carry PreciseBN's statistics (2 global batches of 4 images) for every
+    BN layer; on 2 processes they equal 1 process's: the mean within BN_RTOL of a standard
+    deviation, the variance within BN_RTOL relative."""
+    one = torch.load(os.path.join(runs["one"][1], "model_final.pth"), weights_only=True)["model"]
+    two = torch.load(os.path.join(runs["two"][1], "model_final.pth"), weights_only=True)["model"]
+    layers = [k[:-len(".running_var")] for k in one if k.endswith(".running_var")]
+    assert len(layers) == 28  # ResNet-18 (20) and FPN (8)
+    for layer in layers:
+        mean, var = one[layer + ".running_mean"], one[layer + ".running_var"]
+        std = var.sqrt()
+        assert ((two[layer + ".running_mean"] - mean).abs() / std).max() < BN_RTOL, layer
+        assert relative(var, two[layer + ".running_var"]).max() < BN_RTOL, layer
+
+
+def test_evaluation_on_two_processes_returns_exactly_one_process_metrics(runs, data, tmp_path):
+    """Given weights evaluated by 1 process (1 thread) and by 2 processes started by torchrun
+    (1 thread each): each validation image is evaluated once, the gathered predictions are
+    bit-identical and so are the metrics."""
+    weights = os.path.join(runs["two"][1], "model_final.pth")
+    def args(name, threads):  # the overrides come last
+        return ["--task", TASK, "--scale", "smoke", "--eval-only", "--weights", "random",
+                "--threads", str(threads), "--output", str(tmp_path / name),
+                "MODEL.WEIGHTS", weights]
+
+    log = str(tmp_path / "log.txt")
+    finish([sys.executable, "-m", "transfer.train_net", *args("one", 1)], env_for(data), log)
+    finish([os.path.join(os.path.dirname(sys.executable), "torchrun"), "--standalone",
+            "--nproc_per_node", "2", "-m", "transfer.train_net", *args("two", 2)],
+           env_for(data), log)
+    preds = {}
+    for k in ("one", "two"):
+        preds[k] = torch.load(os.path.join(tmp_path, k, "inference", "synthetic_val",
+                                           "instances_predictions.pth"),
+                              weights_only=False)
+    ids = sorted(p["image_id"] for p in preds["two"])
+    assert len(ids) == 12 and ids == sorted({p["image_id"] for p in preds["one"]})  # each once
+    by_id = {k: {p["image_id"]: p["instances"] for p in v} for k, v in preds.items()}
+    assert by_id["one"] == by_id["two"]
+    results = {}
+    for k in ("one", "two"):
+        with open(os.path.join(tmp_path, k, "results.json")) as f:
+            results[k] = json.load(f)
+    assert results["one"]["metrics"] == results["two"]["metrics"]
+    assert results["two"]["processes"]["world_size"] == 2
+
+
+# ---------------------------------------------------------------- kills, resume, who writes
+WRITE_AUDIT = '''
+import os, sys
+_log, _root, _busy = os.environ["WRITE_AUDIT_LOG"], os.environ["WRITE_AUDIT_ROOT"], [False]
+_WRITE = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT
+
+
+def _rank():
+    d = sys.modules.get("torch.distributed")
+    try:
+        return d.get_rank() if d is not None and d.is_initialized() else -1
+    except Exception:
+        return -1
+
+
+def _hook(event, args):
+    if _busy[0] or event not in ("open", "os.rename"):
+        return
+    path = args[1] if event == "os.rename" else args[0]
+    if not isinstance(path, str) or not os.path.abspath(path).startswith(_root):
+        return
+    if event == "open" and not (isinstance(args[1], str) and set(args[1]) & set("wax+")) \\
+            and not (isinstance(args[2], int) and args[2] & _WRITE):
+        return
+    _busy[0] = True
+    try:
+        with open(_log, "a") as f:
+            f.write(f"{os.getpid()} {_rank()} {event} {os.path.abspath(path)}\\n")
+    finally:
+        _busy[0] = False
+
+
+sys.addaudithook(_hook)
+'''
+
+
+def audited_env(data, tmp_path, run_root):
+    """The environment of a run whose every process logs each file it opens for writing or
+    renames into place under `run_root` (pid, rank, event, path): a sitecustomize module."""
+    site = tmp_path / "audit"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(WRITE_AUDIT)
+    env = env_for(data)
+    env.update(PYTHONPATH=os.pathsep.join([str(site), ROOT]),
+               WRITE_AUDIT_LOG=str(tmp_path / "writes.txt"), WRITE_AUDIT_ROOT=str(run_root))
+    return env
+
+
+def writes(tmp_path):
+    with open(tmp_path / "writes.txt") as f:
+        return [line.split(" ", 3) for line in f.read().splitlines()]
+
+
+def test_two_process_run_killed_then_a_rank_killed_resumes_bit_identical(runs, data, tmp_path):
+    """A 2-process run is SIGKILLed (the whole process group) after its first checkpoint and
+    started again; then one of its two processes is SIGKILLed: the job stops within a bounded
+    time, with one line that names the rank, and status.json says so; started again, it ends
+    with the weights and metrics of the uninterrupted 2-process run, bit for bit. Throughout,
+    only rank 0 writes checkpoints, results, status and metrics (rank 1 its own log file), and
+    everything is written whole: each checkpoint renamed into place once, no temporary file
+    left."""
+    reference = runs["two"][1]
+    d = str(tmp_path / "run")
+    env = audited_env(data, tmp_path, d)
+    cmd = [sys.executable, "-m", "transfer.train_net", "--task", TASK, "--scale", "smoke",
+           "--num-gpus", "2", "--output", d, *SAME_COMPUTATION]
+    log = str(tmp_path / "log.txt")
+
+    # 1. the whole job killed after the checkpoint of the first iteration (model_0000000)
+    kill_when(start(cmd, env, log), lambda: os.path.isfile(os.path.join(d, "model_0000000.pth")))
+    # 2. started again; rank 1 killed after the next checkpoint (model_0000001)
+    proc = start(cmd, env, log)
+    kill_when_ready = time.time() + 600
+    while not os.path.isfile(os.path.join(d, "model_0000001.pth")):
+        assert proc.poll() is None and time.time() < kill_when_ready, open(log).read()[-3000:]
+        time.sleep(0.05)
+    from tests.test_faults import child_pids
+    workers = sorted(child_pids(proc.pid))
+    rank1 = [p for p in workers
+             if f"{p} 1 " in open(tmp_path / "writes.txt").read()]
+    assert len(rank1) == 1, workers
+    t0 = time.time()
+    os.kill(rank1[0], signal.SIGKILL)
+    assert proc.wait(timeout=120) != 0
+    stopped_in = time.time() - t0
+    assert stopped_in < 60
+    tail = open(log).read().strip().splitlines()[-1]
+    assert tail.startswith(f"error: rank 1 of 2 (pid {rank1[0]}) was killed by SIGKILL; the "
+                           "other processes were stopped"), tail
+    with open(os.path.join(d, "status.json")) as f:
+        status = json.load(f)
+    assert status["state"] == "failed" and "rank 1 of 2" in status["reason"]
+    # 3. started again: resumes from model_0000001 and finishes
+    finish(cmd, env, log)
+    assert "Starting training from iteration 2" in open(os.path.join(d, "log.txt")).read()
+    assert_same_weights(os.path.join(d, "model_final.pth"),
+                        os.path.join(reference, "model_final.pth"))
+    with open(os.path.join(d, "results.json")) as f, \
+            open(os.path.join(reference, "results.json")) as g:
+        assert json.load(f)["metrics"] == json.load(g)["metrics"]
+
+    # who wrote what
+    by_rank = {}
+    renamed = []
+    for pid, rank, event, path in writes(tmp_path):
+        name = os.path.relpath(path, d)
+        by_rank.setdefault(int(rank), set()).add(name.split(os.sep)[0])
+        if event == "os.rename":
+            renamed.append(name)
+    assert set(by_rank) <= {-1, 0, 1}
+    assert by_rank[1] <= {"log.txt.rank1"}, by_rank[1]
+    # the launcher (no rank) wrote status.json once, when rank 1 was killed
+    assert by_rank.get(-1, set()) <= {"status.json", ".status.json"} | {
+        n for n in by_rank.get(-1, set()) if n.startswith(".status.json.")}
+    checkpoints = [n for n in renamed if n.startswith("model_")]
+    assert sorted(checkpoints) == sorted(set(checkpoints))  # each written once, whole
+    assert set(checkpoints) == {"model_0000000.pth", "model_0000001.pth", "model_0000002.pth",
+                                "model_final.pth"}
+    assert not [f for f in os.listdir(d) if f.endswith(".tmp")]
+    assert log_has(d, "World size: 2")
