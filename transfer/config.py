@@ -37,6 +37,9 @@ def add_moco_transfer_config(cfg):
     cfg.MOCO_TRANSFER.WEIGHTS_FORMAT = ""
     cfg.MOCO_TRANSFER.SCALE = "full"
     cfg.MOCO_TRANSFER.NUM_GPUS = 1
+    # --trust-checkpoint: weights and checkpoints that hold more than data are fully unpickled
+    # (convert/safe_load.py); recorded with the run
+    cfg.MOCO_TRANSFER.TRUST_CHECKPOINT = False
 
 
 def get_cfg():
@@ -103,12 +106,13 @@ SCALES = {"full": scale_full, "smoke": scale_smoke}
 
 
 def setup_cfg(task, weights="random", seed=0, scale="full", overrides=(), output=None,
-              num_gpus=1, runs_root="runs"):
+              num_gpus=1, runs_root="runs", trust=False):
     """The fully resolved config of one run."""
     cfg = load_task_config(task)
-    name, wcfg = weights_overrides(weights)
+    name, wcfg = weights_overrides(weights, trust)
     cfg.merge_from_list([x for kv in wcfg.items() for x in kv])
     cfg.MOCO_TRANSFER.WEIGHTS = name
+    cfg.MOCO_TRANSFER.TRUST_CHECKPOINT = trust
     if scale not in SCALES:
         raise ConfigError(f"unknown scale '{scale}'; known: {', '.join(SCALES)}")
     overrides = list(overrides)

@@ -18,6 +18,7 @@ import detectron2.utils.comm as comm
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.utils.logger import setup_logger
 
+from convert import safe_load
 from transfer import console, run_dir
 from transfer.config import setup_cfg
 from transfer.configs import task_config_path
@@ -30,7 +31,7 @@ logger = logging.getLogger("transfer")
 
 def main(args):
     cfg = setup_cfg(args.task, args.weights, args.seed, args.scale, args.opts, args.output,
-                    args.num_gpus, args.runs)
+                    args.num_gpus, args.runs, args.trust_checkpoint)
     if args.dry_run:
         print(cfg.dump())
         return None
@@ -71,6 +72,7 @@ def get_parser():
     p.add_argument("--output", default=None, help="run directory (default <runs>/<task>/...)")
     p.add_argument("--runs", default="runs", help="root of the run directories")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    p.add_argument(safe_load.TRUST_FLAG, action="store_true", help=safe_load.TRUST_HELP)
     p.set_defaults(dist_url="auto")
     return p
 
