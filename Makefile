@@ -19,6 +19,9 @@ V          ?=
 export MOCO_TRANSFER_VERBOSE := $(V)
 # conversion
 CKPT ?=
+# TRUST=1: load a checkpoint that holds more than data (--trust-checkpoint; it can run code)
+TRUST ?=
+TRUST_FLAG = $(if $(TRUST),--trust-checkpoint)
 # transfer
 TASK     ?=
 WEIGHTS  ?= random
@@ -69,26 +72,26 @@ bench-tasks: $(STAMP)
 pretrain: $(STAMP)
 	$(PYTHON) -m pretrain.main_moco $(if $(DATA),--data $(DATA)) $(if $(OUTPUT),--output $(OUTPUT)) \
 	  $(if $(ARCH),--arch $(ARCH)) --version $(VERSION) $(if $(EPOCHS),--epochs $(EPOCHS)) \
-	  $(if $(BATCH_SIZE),--batch-size $(BATCH_SIZE)) $(ARGS)
+	  $(if $(BATCH_SIZE),--batch-size $(BATCH_SIZE)) $(TRUST_FLAG) $(ARGS)
 
 # Linear classification on frozen features (DATA=labeled folder, CKPT=pretrained checkpoint).
 lincls: $(STAMP)
-	$(PYTHON) -m pretrain.main_lincls --data $(DATA) --pretrained $(CKPT) $(if $(OUTPUT),--output $(OUTPUT)) $(ARGS)
+	$(PYTHON) -m pretrain.main_lincls --data $(DATA) --pretrained $(CKPT) $(if $(OUTPUT),--output $(OUTPUT)) $(TRUST_FLAG) $(ARGS)
 
 # Supervised baseline with the same recipe on a labeled folder.
 supervised: $(STAMP)
 	$(PYTHON) -m pretrain.main_supervised $(if $(DATA),--data $(DATA)) $(if $(OUTPUT),--output $(OUTPUT)) \
-	  $(if $(ARCH),--arch $(ARCH)) $(if $(EPOCHS),--epochs $(EPOCHS)) $(ARGS)
+	  $(if $(ARCH),--arch $(ARCH)) $(if $(EPOCHS),--epochs $(EPOCHS)) $(TRUST_FLAG) $(ARGS)
 
 # Convert a checkpoint (CKPT=...) to detectron2's format.
 convert: $(STAMP)
-	$(PYTHON) convert/to_detectron2.py $(CKPT) $(ARGS)
+	$(PYTHON) convert/to_detectron2.py $(CKPT) $(TRUST_FLAG) $(ARGS)
 
 # Fine-tune and evaluate one task: TASK=name WEIGHTS=<.pkl|supervised|random> SEED SCALE NUM_GPUS.
 transfer: $(STAMP)
 	$(PYTHON) -m transfer.train_net --task $(TASK) --weights $(WEIGHTS) --seed $(SEED) \
 	  --scale $(SCALE) --num-gpus $(NUM_GPUS) $(if $(OUTPUT),--output $(OUTPUT)) \
-	  $(if $(DRY_RUN),--dry-run) $(ARGS)
+	  $(if $(DRY_RUN),--dry-run) $(TRUST_FLAG) $(ARGS)
 
 # Usage: make densepose-fixture, then
 #   DETECTRON2_DATASETS=datasets_densepose make transfer TASK=coco_densepose_fpn_s1x SCALE=smoke

@@ -3,7 +3,9 @@
 Each format knows how to find a ResNet backbone in a loaded checkpoint and returns it with
 torchvision key names (``conv1.weight``, ``layer1.0.bn1.running_mean``, ...) plus the keys it
 dropped on purpose (projection heads, key encoders, queues). Detection goes through the registry
-in order; the first format whose ``matches`` is true wins.
+in order; the first format that finds a ResNet where it looks (``locate``) wins. Any other
+layout is named by the user: ``--key a.b.c`` (the sub-dict holding the weights) and ``--prefix P``
+(where the ResNet's keys start), ``custom_format``.
 """
 from collections import OrderedDict
 
@@ -24,21 +26,43 @@ BACKBONE_TOP = ("conv1.", "bn1.", "layer1.", "layer2.", "layer3.", "layer4.")
 
 
 class Format:
-    """A checkpoint layout: `prefix` is where the ResNet's torchvision keys start."""
+    """A checkpoint layout: the weights are the sub-dict at `key` (a dotted path; None: the
+    usual places, see `default_state_dict`), and the ResNet's torchvision keys start with
+    `prefix` in it. `encoder` names the network taken where a method trains several;
+    `others` lists the ones not taken, as (name, option that takes it instead)."""
 
     def __init__(self, name, description, prefix, author, normalization=RGB_TORCHVISION,
-                 requires=None):
+                 key=None, encoder=None, others=()):
         self.name = name
         self.description = description
         self.prefix = prefix
         self.author = author
         self.normalization = normalization
-        self.requires = requires  # a key that must exist besides the prefix (disambiguation)
+        self.key = key
+        self.encoder = encoder
+        self.others = others
 
     def matches(self, state_dict):
-        if self.requires and not any(k.startswith(self.requires) for k in state_dict):
-            return False
         return any(k.startswith(self.prefix + t) for k in state_dict for t in BACKBONE_TOP)
+
+    def locate(self, ckpt):
+        """The state dict (DDP's ``module.`` stripped) this layout reads in `ckpt`, or None."""
+        sd = sub_dict(ckpt, self.key) if self.key else default_state_dict(ckpt)
+        if not isinstance(sd, dict):
+            return None
+        sd = strip_module(sd)
+        return sd if self.matches(sd) else None
+
+    def others_present(self, ckpt):
+        """The encoders this layout does not take that `ckpt` holds: [(name, option)]."""
+        sd = self.locate(ckpt) or {}
+        found = []
+        for name, option in self.others:
+            flag, value = option.split(" ", 1)
+            if (isinstance(sub_dict(ckpt, value), dict) if flag == "--key"
+                    else Format("", "", value, "").matches(sd)):
+                found.append((name, option))
+        return found
 
     def extract(self, state_dict):
         """Return (backbone dict with torchvision names, dropped keys, head keys)."""
@@ -55,6 +79,34 @@ class Format:
         return backbone, dropped, heads
 
 
+def sub_dict(ckpt, path):
+    """``ckpt[a][b][c]`` for path "a.b.c" (a key may itself hold dots), or None."""
+    node, rest = ckpt, path.split(".")
+    while rest:
+        if not isinstance(node, dict):
+            return None
+        for n in range(len(rest), 0, -1):  # the longest run of parts that is a key
+            if ".".join(rest[:n]) in node:
+                node, rest = node[".".join(rest[:n])], rest[n:]
+                break
+        else:
+            return None
+    return node
+
+
+def default_state_dict(ckpt):
+    """The weights of a checkpoint that does not say where they are: 'state_dict', 'model' or
+    'module' if one is a dict, else the checkpoint itself if it is a dict of tensors."""
+    if not isinstance(ckpt, dict):
+        return None
+    for key in ("state_dict", "model", "module"):
+        if isinstance(ckpt.get(key), dict):
+            return ckpt[key]
+    if ckpt and all(hasattr(v, "shape") for v in ckpt.values()):
+        return ckpt
+    return None
+
+
 def strip_module(state_dict):
     """Remove DDP's ``module.`` from every key, so saved-with and saved-without look alike."""
     if state_dict and all(k.startswith("module.") for k in state_dict):
@@ -62,22 +114,51 @@ def strip_module(state_dict):
     return state_dict
 
 
-# Order matters: more specific prefixes first; bare torchvision keys last.
+# Order matters: more specific layouts first; bare torchvision keys last. Where a method trains
+# several encoders, the one taken is the one the method evaluates with (its linear evaluation
+# and transfer): MoCo's query encoder, MoCo v3's base encoder, BYOL's online network, DINO's
+# teacher; the others are listed in the converter's output with the option that takes them.
 FORMATS = [
-    Format("moco", "MoCo v1/v2 (reference code, query encoder)", "encoder_q.", "MOCO"),
-    Format("moco_v3", "MoCo v3 (base encoder; projector/predictor dropped)", "base_encoder.",
-           "MOCO_V3"),
-    Format("pixpro", "PixPro-style (online encoder)", "encoder.", "PIXPRO"),
+    Format("moco", "MoCo v1/v2 (reference code)", "encoder_q.", "MOCO",
+           encoder="query encoder (what MoCo evaluates)",
+           others=(("key encoder", "--prefix encoder_k."),)),
+    Format("moco_v3", "MoCo v3 (projector/predictor dropped)", "base_encoder.", "MOCO_V3",
+           encoder="base encoder (what MoCo v3 evaluates)",
+           others=(("momentum encoder", "--prefix momentum_encoder."),)),
+    Format("byol", "BYOL-style online/target networks", "online_network.encoder.", "BYOL",
+           encoder="online network (what BYOL evaluates)",
+           others=(("target network", "--prefix target_network.encoder."),)),
+    Format("dino", "DINO full checkpoint (teacher/student)", "backbone.", "DINO", key="teacher",
+           encoder="teacher (what DINO evaluates)", others=(("student", "--key student"),)),
+    Format("vissl", "VISSL (trunk of classy_state_dict; heads dropped)", "_feature_blocks.",
+           "VISSL", key="classy_state_dict.base_model.model.trunk"),
+    Format("pixpro", "PixPro-style", "encoder.", "PIXPRO",
+           encoder="online encoder (what PixPro evaluates)",
+           others=(("key encoder", "--prefix encoder_k."),)),
     Format("backbone", "backbone.-prefixed (mmselfsup, solo-learn, ...)", "backbone.",
            "BACKBONE"),
-    Format("torchvision", "torchvision ResNet / this project's supervised baseline (bare keys)",
-           "", "torchvision"),
+    Format("torchvision", "torchvision ResNet / timm / this project's supervised baseline / "
+           "SwAV (bare keys)", "", "torchvision"),
 ]
 FORMATS_BY_NAME = {f.name: f for f in FORMATS}
 
 
-def detect(state_dict):
+def custom_format(ckpt, key=None, prefix=None):
+    """The layout the user named with --key and/or --prefix (the other found as usual)."""
+    if prefix is None:  # where the ResNet starts in the sub-dict, as for a plain checkpoint
+        sd = sub_dict(ckpt, key) if key else default_state_dict(ckpt)
+        found = next((f for f in FORMATS if not f.key and isinstance(sd, dict)
+                      and f.matches(strip_module(sd))), None)
+        prefix = found.prefix if found else ""
+    where = " ".join(p for p in (key and f"--key {key}", f"--prefix '{prefix}'") if p)
+    return Format("custom", f"the layout given ({where})", prefix, "CUSTOM", key=key,
+                  encoder=f"the weights at {where}")
+
+
+def detect(ckpt):
+    """(format, its state dict) of the first layout found in a loaded checkpoint, or None."""
     for fmt in FORMATS:
-        if fmt.matches(state_dict):
-            return fmt
+        sd = fmt.locate(ckpt)
+        if sd is not None:
+            return fmt, sd
     return None

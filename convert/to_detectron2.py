@@ -1,12 +1,17 @@
 #!/usr/bin/env python
 """Convert a pretrained ResNet checkpoint into detectron2's format.
 
-    python convert/to_detectron2.py IN [OUT] [--verbose]
+    python convert/to_detectron2.py IN [OUT] [--key a.b.c] [--prefix P] [--trust-checkpoint]
 
-IN: MoCo v1/v2 (reference code or this project's `make pretrain`), MoCo v3, PixPro-style,
-``backbone.``-prefixed (mmselfsup, solo-learn), torchvision ResNets and this project's supervised
-baseline (.pth/.pth.tar/.pt, with or without DDP's ``module.``), or a detectron2 .pkl (validated and
-passed through). OUT defaults to IN with a ``.pkl`` suffix.
+IN: MoCo v1/v2 (reference code or this project's `make pretrain`), MoCo v3, BYOL-style
+(online/target), DINO (teacher/student), VISSL trunks, PixPro-style, ``backbone.``-prefixed
+(mmselfsup, solo-learn), torchvision/timm ResNets, SwAV and this project's supervised baseline
+(.pth/.pth.tar/.pt/.torch or .safetensors, with or without DDP's ``module.``), or a detectron2
+.pkl (validated and passed through). Any other layout: ``--key`` names the sub-dict holding the
+weights and ``--prefix`` where the ResNet's keys start. Where a method trains several encoders,
+the one it evaluates with is taken, and the output says which (the options take another).
+OUT defaults to IN with a ``.pkl`` suffix. Checkpoints are read as data only
+(``safe_load.py``); ``--trust-checkpoint`` loads one that holds more.
 
 For MoCo v1/v2 the ``model`` dict is what the reference converter (moco/detection/
 convert-pretrain-to-detectron2.py) writes: same names, same arrays, ``__author__ = "MOCO"``, except
@@ -26,14 +31,20 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from convert import safe_load  # noqa: E402
+from convert.errors import UserError  # noqa: E402
 from convert.files import atomic_open, sha256_of  # noqa: E402
-from convert.formats import BGR_MSRA, FORMATS, RGB_TORCHVISION, detect, strip_module  # noqa: E402
+from convert.formats import (BGR_MSRA, FORMATS, RGB_TORCHVISION, custom_format,  # noqa: E402
+                             default_state_dict, detect, sub_dict)
 from convert.resnet_check import BackboneMismatch, detectron2_resnet_config, identify  # noqa: E402
 
 METADATA_KEY = "moco_transfer"
+# authors of detectron2 .pkl files whose weights expect RGB input with torchvision's statistics
+RGB_AUTHORS = {f.author.upper() for f in FORMATS if f.normalization is RGB_TORCHVISION} | {
+    "CUSTOM"}
 
 
-class ConversionError(Exception):
+class ConversionError(UserError):
     """The input cannot be turned into a complete detectron2 ResNet backbone."""
 
 
@@ -64,35 +75,56 @@ def detectron2_to_torchvision(name):
 
 
 # ---------------------------------------------------------------- reading
-def load_checkpoint(path):
+def load_checkpoint(path, trust=False):
+    """The file's content, read as data only (convert/safe_load.py)."""
     if not os.path.isfile(path):
         raise ConversionError(f"{path}: no such file")
     try:
-        if path.endswith(".pkl"):
-            with open(path, "rb") as f:
-                return pickle.load(f, encoding="latin1")
-        import torch
-
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return safe_load.load(path, trust)
+    except safe_load.UntrustedCheckpoint:
+        raise
     except Exception as e:  # truncated zip, not a pickle, random bytes, ...
         raise ConversionError(
-            f"{path}: cannot be read as a PyTorch checkpoint or pickle "
-            f"({type(e).__name__}: {e}). Is the file complete?"
+            f"{path}: cannot be read as a PyTorch checkpoint, safetensors file or pickle "
+            f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})."
+            " Is the file complete?"
         ) from e
 
 
-def find_state_dict(ckpt, path):
+def _layout_hint(ckpt):
+    sd = default_state_dict(ckpt)
+    if sd:
+        prefixes = sorted({k.split(".")[0] for k in sd})
+        return f"the state dict's top-level prefixes are {prefixes[:20]}"
+    return f"the checkpoint's top-level keys are {sorted(map(str, ckpt))[:20]}"
+
+
+def find_weights(ckpt, path, key=None, prefix=None):
+    """(format, state dict) of the ResNet in a loaded checkpoint: the layout the user named
+    (--key/--prefix), else the first known one found."""
     if not isinstance(ckpt, dict):
         raise ConversionError(f"{path}: expected a dict, found {type(ckpt).__name__}")
-    for key in ("state_dict", "model", "teacher", "module"):
-        if isinstance(ckpt.get(key), dict):
-            return ckpt[key]
-    if ckpt and all(hasattr(v, "shape") for v in ckpt.values()):
-        return ckpt
-    raise ConversionError(
-        f"{path}: found no state dict (looked for 'state_dict', 'model', or a dict of tensors); "
-        f"top-level keys: {sorted(map(str, ckpt))[:20]}"
-    )
+    if key is None and prefix is None:
+        if default_state_dict(ckpt) == {}:
+            raise ConversionError(f"{path}: the state dict is empty")
+        found = detect(ckpt)
+        if found:
+            return found
+        raise ConversionError(
+            f"{path}: no ResNet backbone found in any known layout "
+            f"({', '.join(f.name for f in FORMATS)}); {_layout_hint(ckpt)}. Name the weights "
+            "with --key a.b.c (the sub-dict holding them) and --prefix P (where the ResNet's "
+            "keys start)")
+    if key is not None and not isinstance(sub_dict(ckpt, key), dict):
+        raise ConversionError(f"{path}: --key {key}: no such sub-dict; {_layout_hint(ckpt)}")
+    fmt = custom_format(ckpt, key, prefix)
+    sd = fmt.locate(ckpt)
+    if sd is None:
+        raise ConversionError(
+            f"{path}: no ResNet keys (conv1., layer1., ...) start with '{fmt.prefix}' at "
+            f"{'--key ' + key if key else 'the state dict'}; "
+            f"{_layout_hint(sub_dict(ckpt, key) if key else ckpt)}")
+    return fmt, sd
 
 
 def _to_numpy(v):
@@ -102,26 +134,15 @@ def _to_numpy(v):
 
 
 # ---------------------------------------------------------------- conversion
-def convert_state_dict(state_dict, claimed_arch=None, path="checkpoint"):
-    """Return (format, arch, d2_model, dropped, heads) for a PyTorch state dict."""
-    if not state_dict:
-        raise ConversionError(f"{path}: the state dict is empty")
-    sd = strip_module(OrderedDict(state_dict))
-    fmt = detect(sd)
-    if fmt is None:
-        prefixes = sorted({k.split(".")[0] for k in sd})
-        raise ConversionError(
-            f"{path}: no ResNet backbone found under any known prefix "
-            f"({', '.join(repr(f.prefix or '<none>') for f in FORMATS)}); "
-            f"the checkpoint's top-level prefixes are {prefixes[:20]}"
-        )
-    backbone, dropped, heads = fmt.extract(sd)
+def convert_state_dict(fmt, state_dict, claimed_arch=None, path="checkpoint"):
+    """Return (arch, d2_model, dropped, heads) for the ResNet of `fmt` in a state dict."""
+    backbone, dropped, heads = fmt.extract(state_dict)
     try:
         arch = identify(backbone, claimed_arch)
     except BackboneMismatch as e:
         raise ConversionError(f"{path} ({fmt.description}): {e}") from None
     model = OrderedDict((torchvision_to_detectron2(k), _to_numpy(v)) for k, v in backbone.items())
-    return fmt, arch, model, dropped, heads
+    return arch, model, dropped, heads
 
 
 def convert_detectron2_pkl(data, path):
@@ -139,7 +160,7 @@ def convert_detectron2_pkl(data, path):
                       "normalization": BGR_MSRA, "config": {}}, []
     else:
         author = str(data.get("__author__", ""))
-        if author.upper() in ("MOCO", "TORCHVISION", "MOCO_V3", "PIXPRO", "BACKBONE"):
+        if author.upper() in RGB_AUTHORS:
             normalization = RGB_TORCHVISION
         else:
             raise ConversionError(
@@ -159,10 +180,15 @@ def convert_detectron2_pkl(data, path):
     return data, info, []
 
 
-def convert(path, input_format=None):
-    """Convert the checkpoint at `path`; returns (pickle dict to write, summary dict)."""
-    raw = load_checkpoint(path)
+def convert(path, input_format=None, key=None, prefix=None, trust=False):
+    """Convert the checkpoint at `path`; returns (pickle dict to write, summary dict).
+    `key`/`prefix`: where the weights are, for a layout the converter does not know (or to take
+    another of a method's encoders); `trust`: full unpickling (--trust-checkpoint)."""
+    raw = load_checkpoint(path, trust)
     if path.endswith(".pkl"):
+        if key is not None or prefix is not None:
+            raise ConversionError(f"{path}: --key/--prefix are for PyTorch and safetensors "
+                                  "checkpoints; a detectron2 .pkl is passed through as it is")
         data, info, dropped = convert_detectron2_pkl(raw, path)
         if input_format:
             info["normalization"] = RGB_TORCHVISION if input_format == "rgb" else BGR_MSRA
@@ -172,9 +198,9 @@ def convert(path, input_format=None):
         out[METADATA_KEY] = {k: v for k, v in info.items() if k not in ("dropped", "heads")}
         out.setdefault("matching_heuristics", True)
         return out, info
-    state_dict = find_state_dict(raw, path)
-    claimed = raw.get("arch") if isinstance(raw, dict) else None
-    fmt, arch, model, dropped, heads = convert_state_dict(state_dict, claimed, path)
+    fmt, state_dict = find_weights(raw, path, key, prefix)
+    claimed = raw.get("arch")
+    arch, model, dropped, heads = convert_state_dict(fmt, state_dict, claimed, path)
     normalization = fmt.normalization
     if input_format:
         normalization = RGB_TORCHVISION if input_format == "rgb" else BGR_MSRA
@@ -182,8 +208,11 @@ def convert(path, input_format=None):
         "format": fmt.name,
         "format_description": fmt.description,
         "author": fmt.author,
+        "encoder": fmt.encoder,
+        "key": fmt.key,
+        "prefix": fmt.prefix,
         "arch": arch,
-        "epoch": raw.get("epoch") if isinstance(raw, dict) else None,
+        "epoch": raw.get("epoch"),
         "source": os.path.abspath(path),
         "sha256": sha256_of(path),
         "normalization": normalization,
@@ -193,6 +222,7 @@ def convert(path, input_format=None):
     out = {"model": model, "__author__": fmt.author, "matching_heuristics": True,
            METADATA_KEY: dict(info)}
     info["dropped"], info["heads"] = dropped, heads
+    info["others"] = fmt.others_present(raw)
     return out, info
 
 
@@ -202,7 +232,7 @@ def write_atomic(obj, out_path):
 
 
 def default_output(path):
-    for ext in (".pth.tar", ".pth", ".pt", ".tar", ".pkl"):
+    for ext in (".pth.tar", ".pth", ".pt", ".tar", ".torch", ".safetensors", ".pkl"):
         if path.endswith(ext):
             base = path[: -len(ext)]
             return base + (".d2.pkl" if ext == ".pkl" else ".pkl")
@@ -220,18 +250,32 @@ def _summarize(items, depth, limit=8):
     return ", ".join(parts[:limit]) + (f", ... ({len(parts)} groups)" if len(parts) > limit else "")
 
 
+def _encoder_line(info):
+    """Which of a method's encoders was taken, and how to take another."""
+    others = "; ".join(f"{name} in the file too (take it with {option})"
+                       for name, option in info["others"])
+    return f"{info['encoder']}" + (f"; {others}" if others else "")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("input", help="checkpoint to convert (.pth, .pth.tar, .pt or .pkl)")
+    parser.add_argument("input", help="checkpoint to convert (.pth, .pth.tar, .pt, .torch, "
+                        ".safetensors or .pkl)")
     parser.add_argument("output", nargs="?", help="output .pkl (default: IN with .pkl)")
     parser.add_argument("--input-format", choices=["rgb", "bgr"],
                         help="override the input normalisation the weights expect")
+    parser.add_argument("--key", help="dotted path of the sub-dict holding the weights "
+                        "(e.g. student, or classy_state_dict.base_model.model.trunk)")
+    parser.add_argument("--prefix", help="where the ResNet's keys start in it (e.g. encoder_k.; "
+                        "'' for bare conv1./layer1. keys)")
+    parser.add_argument(safe_load.TRUST_FLAG, action="store_true", help=safe_load.TRUST_HELP)
     parser.add_argument("--verbose", action="store_true", help="print every renamed key")
     args = parser.parse_args(argv)
     out_path = args.output or default_output(args.input)
     try:
-        obj, info = convert(args.input, args.input_format)
-    except ConversionError as e:
+        obj, info = convert(args.input, args.input_format, args.key, args.prefix,
+                            args.trust_checkpoint)
+    except UserError as e:
         print(f"error: {e}\nnothing was written.", file=sys.stderr)
         return 1
     if args.verbose:
@@ -240,6 +284,8 @@ def main(argv=None):
     write_atomic(obj, out_path)
     norm = info["normalization"]
     print(f"format      : {info['format']} ({info.get('format_description', info.get('author'))})")
+    if info.get("encoder"):
+        print(f"encoder     : {_encoder_line(info)}")
     print(f"arch        : {info['arch']}   epoch: {info.get('epoch')}")
     print(f"tensors     : {info['tensors']} written as detectron2 names (stem.*, res2..res5.*)")
     print(f"heads       : dropped {_summarize(info['heads'], 2)}")

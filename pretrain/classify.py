@@ -5,6 +5,7 @@ import os
 import torch
 import torch.nn as nn
 
+from convert import safe_load
 from pretrain import engine, loader
 
 logger = logging.getLogger("pretrain")
@@ -56,16 +57,20 @@ def train_classifier(model, train_set, val_set, args, device, params, train_mode
     """SGD over `params` with the per-epoch schedule of args (lr, schedule, cos, epochs).
 
     train_mode(model) puts the model in the right mode each epoch (linear eval keeps BN in eval
-    mode). ckpt_fn(epoch, optimizer) returns the dict saved as checkpoint_last.pth.tar.
-    Resumes from checkpoint_last.pth.tar in args.output. Returns the final val top-1."""
-    precision, amp_dtype, _, _ = engine.resolve_precision(args.precision, device)
+    mode). ckpt_fn(epoch, optimizer, top1) returns the dict saved as checkpoint_last.pth.tar
+    (the grad scaler's state is added). Resumes from checkpoint_last.pth.tar in args.output.
+    Returns the final val top-1."""
+    precision, amp_dtype, needs_scaler, _ = engine.resolve_precision(args.precision, device)
+    scaler = engine.make_scaler(needs_scaler, device)
     optimizer = torch.optim.SGD(params, args.lr, momentum=0.9, weight_decay=args.wd)
     start_epoch = 0
     last = engine.latest_checkpoint(args.output)
     if last:
-        ck = torch.load(last, map_location="cpu", weights_only=False)
+        ck = safe_load.load_torch(last, args.trust_checkpoint)
         model.load_state_dict({k[len("module."):]: v for k, v in ck["state_dict"].items()})
         optimizer.load_state_dict(ck["optimizer"])
+        if scaler is not None and ck.get("scaler"):
+            scaler.load_state_dict(ck["scaler"])
         start_epoch = ck["epoch"]
         logger.info("resumed from %s at epoch %d", last, start_epoch)
     bs = min(args.batch_size, len(train_set))
@@ -88,15 +93,14 @@ def train_classifier(model, train_set, val_set, args, device, params, train_mode
                                 enabled=amp_dtype is not None):
                 out = model(x)
             loss = criterion(out.float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            engine.optimizer_step(loss, optimizer, scaler)
             acc1 = engine.accuracy(out.float(), y)[0]
             progress.step(it, epoch, len(y), loss=loss.item(), acc1=acc1, lr=lr)
             it += 1
         top1 = evaluate(model, val_data, device, amp_dtype)
         logger.info("epoch %d: val top-1 %.2f%%", epoch, top1)
-        engine.save_atomic(ckpt_fn(epoch + 1, optimizer, top1),
-                           os.path.join(args.output, "checkpoint_last.pth.tar"))
+        state = dict(ckpt_fn(epoch + 1, optimizer, top1),
+                     scaler=scaler.state_dict() if scaler is not None else None)
+        engine.save_atomic(state, os.path.join(args.output, "checkpoint_last.pth.tar"))
     progress.close()
     return top1

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from convert import safe_load
 from convert.files import atomic_open
 
 logger = logging.getLogger("pretrain")
@@ -95,17 +96,36 @@ def cpu_has_fast_bf16():
 
 def resolve_precision(precision, device):
     """'auto' -> bf16 on CUDA with bf16 support and on CPUs with fast bf16, else fp16 on CUDA,
-    else fp32. Returns (name, autocast dtype or None, needs GradScaler, channels_last)."""
+    else fp32. Returns (name, autocast dtype or None, needs GradScaler, channels_last).
+
+    fp16 always needs a GradScaler (make_scaler), on a CPU too: torch's CPU float16 autocast and
+    GradScaler("cpu") run every precision path without a GPU ('auto' never picks fp16 there)."""
     if precision == "auto":
         if device.type == "cuda":
             precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         else:
             precision = "bf16" if cpu_has_fast_bf16() else "fp32"
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    if dtype == torch.float16 and device.type != "cuda":
-        raise ValueError("fp16 autocast is for GPUs; use --precision bf16 or fp32 on a CPU")
     channels_last = dtype is not None  # faster bf16/fp16 convolutions (GPU and oneDNN CPU)
     return precision, dtype, dtype == torch.float16, channels_last
+
+
+def make_scaler(needs_scaler, device):
+    """The GradScaler fp16 needs (resolve_precision's third value), or None."""
+    return torch.amp.GradScaler(device.type) if needs_scaler else None
+
+
+def optimizer_step(loss, optimizer, scaler):
+    """Backward and step. With a GradScaler (fp16) the loss is scaled before backward, a step
+    whose gradients overflowed is skipped, and the scale adapts (halved on an overflow)."""
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is None:
+        loss.backward()
+        optimizer.step()
+        return
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -120,12 +140,13 @@ def latest_checkpoint(output_dir):
     return path if os.path.isfile(path) else None
 
 
-def load_latest_readable(output_dir):
+def load_latest_readable(output_dir, trust=False):
     """(path, checkpoint) of the newest checkpoint of a run folder that loads, or (None, None).
 
     checkpoint_last.pth.tar first, then the epoch checkpoints checkpoint_XXXX.pth.tar, newest
     first. Writes are atomic, so an unreadable file means damage after the write (a copy cut
-    short, a full disk, a bad sector): it is skipped with one log line."""
+    short, a full disk, a bad sector): it is skipped with one log line. A file that holds more
+    than data is not damage: it is refused (convert/safe_load.py), unless `trust`."""
     names = ["checkpoint_last.pth.tar"] + sorted(
         (f for f in (os.listdir(output_dir) if os.path.isdir(output_dir) else [])
          if re.fullmatch(r"checkpoint_\d+\.pth\.tar", f)), reverse=True)
@@ -135,7 +156,9 @@ def load_latest_readable(output_dir):
         if not os.path.isfile(path):
             continue
         try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+            ckpt = safe_load.load_torch(path, trust)
+        except safe_load.UntrustedCheckpoint:
+            raise
         except Exception as e:  # any way a file fails to load: skip it, say why
             reason = str(e).splitlines()[0] if str(e) else ""
             skipped.append(f"{name} ({type(e).__name__}: {reason})")

@@ -13,6 +13,8 @@ import torch
 import torch.nn as nn
 import torchvision
 
+from convert import safe_load
+from convert.errors import run_cli
 from pretrain import classify
 
 
@@ -23,6 +25,7 @@ def get_args_parser():
     p.add_argument("--quiet", action="store_true",
                    help="log to <output>/log.txt only and show a progress bar")
     p.add_argument("--pretrained", required=True, help="a MoCo checkpoint (make pretrain)")
+    p.add_argument(safe_load.TRUST_FLAG, action="store_true", help=safe_load.TRUST_HELP)
     p.add_argument("--output", default="")
     p.add_argument("--arch", default=None, help="default: the checkpoint's arch")
     p.add_argument("--epochs", type=int, default=100)
@@ -39,9 +42,9 @@ def get_args_parser():
     return p
 
 
-def load_query_encoder(path, arch=None, num_classes=1000):
+def load_query_encoder(path, arch=None, num_classes=1000, trust=False):
     """A torchvision ResNet with the MoCo query encoder's weights; fc re-initialised."""
-    ck = torch.load(path, map_location="cpu", weights_only=False)
+    ck = safe_load.load_torch(path, trust)
     arch = arch or ck.get("arch", "resnet50")
     model = getattr(torchvision.models, arch)(num_classes=num_classes)
     prefix = "module.encoder_q."
@@ -61,7 +64,8 @@ def main(args):
     if not args.output:
         args.output = os.path.join(os.path.dirname(os.path.abspath(args.pretrained)), "lincls")
     device, train_set, val_set, classes = classify.setup_run(args)
-    model, arch = load_query_encoder(args.pretrained, args.arch, len(classes))
+    model, arch = load_query_encoder(args.pretrained, args.arch, len(classes),
+                                     args.trust_checkpoint)
     for name, p in model.named_parameters():
         p.requires_grad = name in ("fc.weight", "fc.bias")
     model.to(device)
@@ -81,4 +85,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    run_cli(main, get_args_parser().parse_args())

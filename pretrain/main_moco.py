@@ -20,6 +20,8 @@ import torch
 import torch.nn as nn
 import torchvision
 
+from convert import safe_load
+from convert.errors import run_cli
 from pretrain import engine, loader
 from pretrain.builder import MoCo
 from pretrain.knn import knn_accuracy
@@ -66,6 +68,7 @@ def get_args_parser():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", default="", help="checkpoint to resume from (default: the run "
                    "directory's checkpoint_last.pth.tar, if any)")
+    p.add_argument(safe_load.TRUST_FLAG, action="store_true", help=safe_load.TRUST_HELP)
     p.add_argument("--save-freq", type=int, default=10, help="keep checkpoint_XXXX every N epochs")
     p.add_argument("--save-every-iters", type=int, default=0,
                    help="also refresh checkpoint_last every N iterations (0: epoch ends only)")
@@ -129,14 +132,7 @@ def train_step(model, criterion, optimizer, scaler, im_q, im_k, device, amp_dtyp
                         enabled=amp_dtype is not None):
         logits, labels = model(im_q, im_k, generator=generator)
     loss = criterion(logits.float(), labels)
-    optimizer.zero_grad(set_to_none=True)
-    if scaler is not None:
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        loss.backward()
-        optimizer.step()
+    engine.optimizer_step(loss, optimizer, scaler)
     return loss, logits, labels
 
 
@@ -154,7 +150,7 @@ def checkpoint_dict(args, model, optimizer, scaler, epoch, iteration, batches_pe
         "scaler": scaler.state_dict() if scaler is not None else None,
         "rng": engine.rng_state(),
         "shuffle_generator": gen.get_state(),
-        "config": {k: v for k, v in vars(args).items()},
+        "config": json.loads(json.dumps(vars(args), default=str)),  # plain data (safe_load)
         "format": "moco-transfer-moco",
     }
 
@@ -188,7 +184,7 @@ def main(args):
             model, device_ids=[local_rank] if device.type == "cuda" else None)
     optimizer = torch.optim.SGD(model.parameters(), args.lr, momentum=args.momentum,
                                 weight_decay=args.wd)
-    scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+    scaler = engine.make_scaler(use_scaler, device)
     gen = torch.Generator().manual_seed(args.seed * 31 + rank)  # key-batch shuffles
 
     transform = loader.TwoCropsTransform(
@@ -202,10 +198,9 @@ def main(args):
 
     start_iter = 0
     if args.resume:  # named explicitly: it must load
-        resume, ckpt = args.resume, torch.load(args.resume, map_location="cpu",
-                                               weights_only=False)
+        resume, ckpt = args.resume, safe_load.load_torch(args.resume, args.trust_checkpoint)
     else:
-        resume, ckpt = engine.load_latest_readable(args.output)
+        resume, ckpt = engine.load_latest_readable(args.output, args.trust_checkpoint)
     if resume:
         load_state(model, ckpt["state_dict"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -280,4 +275,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    run_cli(main, get_args_parser().parse_args())

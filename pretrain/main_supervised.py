@@ -12,6 +12,8 @@ import os
 
 import torchvision
 
+from convert import safe_load
+from convert.errors import run_cli
 from pretrain import classify
 from pretrain.main_moco import EMBEDDED_DEFAULTS
 from pretrain.synthetic import generate
@@ -36,6 +38,7 @@ def get_args_parser():
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--print-freq", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(safe_load.TRUST_FLAG, action="store_true", help=safe_load.TRUST_HELP)
     return p
 
 
@@ -73,4 +76,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    run_cli(main, get_args_parser().parse_args())

@@ -30,3 +30,18 @@ requires_shared = pytest.mark.skipif(
 @pytest.fixture(scope="session")
 def dataset_root():
     return _DATASET_ROOT
+
+
+@pytest.fixture(scope="session")
+def labeled_images(tmp_path_factory):
+    """A tiny labelled image folder for classification runs: 2 classes x 8 random 40 px PNGs."""
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("labeled")
+    rng = np.random.default_rng(1)
+    for i in range(16):
+        (root / f"c{i % 2}").mkdir(exist_ok=True)
+        Image.fromarray((rng.random((40, 40, 3)) * 255).astype(np.uint8)).save(
+            root / f"c{i % 2}" / f"{i}.png")
+    return str(root)

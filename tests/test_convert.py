@@ -52,13 +52,23 @@ def save(obj, path):
     return str(path)
 
 
+def sgd_state(params=2):
+    """An SGD optimizer's state_dict after one step (momentum buffers), as checkpoints hold."""
+    weights = [torch.nn.Parameter(torch.randn(3, 2)) for _ in range(params)]
+    opt = torch.optim.SGD(weights, lr=0.03, momentum=0.9, weight_decay=1e-4)
+    sum(w.sum() for w in weights).backward()
+    opt.step()
+    return opt.state_dict()
+
+
 def moco_checkpoint(sd, ddp=True):
+    """The reference MoCo checkpoint: {epoch, arch, state_dict, optimizer} (main_moco.py)."""
     p = "module." if ddp else ""
     state = {f"{p}encoder_q.{k}": v for k, v in sd.items()}
     state.update({f"{p}encoder_k.{k}": v + 1 for k, v in sd.items()})
     state[f"{p}queue"] = torch.randn(128, 256)
     state[f"{p}queue_ptr"] = torch.zeros(1, dtype=torch.long)
-    return {"epoch": 200, "arch": "resnet50", "state_dict": state, "optimizer": {}}
+    return {"epoch": 200, "arch": "resnet50", "state_dict": state, "optimizer": sgd_state()}
 
 
 def assert_exact_backbone(model, sd):
@@ -110,7 +120,12 @@ FORMATS = {
                                     "module.projector.linear1.weight": torch.randn(4, 4)}},
     "backbone": lambda sd: {"state_dict": {f"backbone.{k}": v for k, v in sd.items()
                                            if not k.startswith("fc.")},
-                            "meta": {"epoch": 3}},
+                            # mmcv's meta (mmselfsup 0.x); numpy scalars among the hook messages
+                            "meta": {"mmcv_version": "1.4.0", "time": "Mon Jan  3 10:00:00 2022",
+                                     "epoch": 200, "iter": 250200, "config": "model = dict()",
+                                     "hook_msgs": {"best_score": np.float64(0.5),
+                                                   "last_ckpt": "epoch_200.pth"}},
+                            "optimizer": sgd_state()},
     "torchvision": lambda sd: dict(sd),
 }
 
@@ -141,6 +156,19 @@ def test_detectron2_pkl_is_validated_and_passed_through(tmp_path, r50):
     assert info["format"] == "detectron2" and info["arch"] == "resnet50"
     assert out2["model"] is not None and set(out2["model"]) == set(out["model"])
     assert out2["moco_transfer"]["normalization"]["INPUT.FORMAT"] == "RGB"
+
+
+def test_msra_style_pkl_of_numpy_arrays_passes_through(tmp_path):
+    """A Caffe2-era .pkl (protocol 2, blob names, numpy arrays and scalars, __author__), as
+    detectron2's ImageNetPretrained/MSRA/R-50.pkl is, is read as data and passed through."""
+    blobs = {"conv1_w": np.zeros((64, 3, 7, 7), np.float32), "res_conv1_bn_s": np.ones(64),
+             "res2_0_branch2a_w": np.zeros((64, 64, 1, 1), np.float32), "lr": np.float32(0.1)}
+    path = tmp_path / "R-50.pkl"
+    with open(path, "wb") as f:
+        pickle.dump({"model": blobs, "__author__": "Detectron"}, f, protocol=2)
+    out, info = convert(str(path))
+    assert info["format"] == "detectron2_caffe2" and info["normalization"]["INPUT.FORMAT"] == "BGR"
+    np.testing.assert_array_equal(out["model"]["res_conv1_bn_s"], np.ones(64))
 
 
 def test_cli_writes_atomically_with_summary(tmp_path, r50):

@@ -21,6 +21,7 @@ import pytest
 import torch
 from PIL import Image
 
+from convert import safe_load
 from tests.conftest import ROOT, requires_shared
 
 TASK = "synthetic_mask_fpn_1k"
@@ -91,8 +92,8 @@ def log_has(d, text):
 
 
 def assert_same_weights(a, b):
-    sa = torch.load(a, map_location="cpu", weights_only=False)["model"]
-    sb = torch.load(b, map_location="cpu", weights_only=False)["model"]
+    sa = safe_load.load_torch(a)["model"]
+    sb = safe_load.load_torch(b)["model"]
     assert sa.keys() == sb.keys()
     different = [k for k in sa if not torch.equal(sa[k], sb[k])]
     assert not different, f"{len(different)} tensors differ, e.g. {different[:5]}"
@@ -286,8 +287,7 @@ def test_pretraining_killed_mid_epoch_and_with_truncated_checkpoint_resumes_exac
     env, log = dict(os.environ, PYTHONUNBUFFERED="1"), str(tmp_path / "out.log")
     full, cut = tmp_path / "full", tmp_path / "cut"
     finish(pretrain_cmd(images, full), env, log)
-    ref = torch.load(full / "checkpoint_last.pth.tar", map_location="cpu",
-                     weights_only=False)
+    ref = safe_load.load_torch(full / "checkpoint_last.pth.tar")
     assert ref["iteration"] == 6  # 2 epochs of 3 iterations
 
     # SIGKILL in the middle of epoch 2 (after iteration 4 of 6)
@@ -304,7 +304,7 @@ def test_pretraining_killed_mid_epoch_and_with_truncated_checkpoint_resumes_exac
     assert len(warned) == 1 and "checkpoint_last.pth.tar" in warned[0]
     assert "resuming from checkpoint_0001.pth.tar instead" in warned[0]
     assert "checkpoint_0001.pth.tar at iteration 3 (epoch 1)" in text
-    got = torch.load(last, map_location="cpu", weights_only=False)
+    got = safe_load.load_torch(last)
     assert got["iteration"] == 6
     for k, v in ref["state_dict"].items():
         assert torch.equal(got["state_dict"][k], v), k

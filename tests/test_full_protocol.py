@@ -32,6 +32,7 @@ import torch
 from PIL import Image
 from torch.nn.modules.module import register_module_forward_pre_hook
 
+from convert import safe_load
 from tests.conftest import ROOT, SHARED_DATA, requires_shared
 from transfer.config import setup_cfg
 from transfer.configs import known_tasks
@@ -179,7 +180,7 @@ def test_pretraining_step_at_protocol_size(tmp_path):
     finally:
         handle.remove()
     assert shapes == [[(16, 3, 224, 224), (16, 3, 224, 224)]]
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    ckpt = safe_load.load_torch(ckpt_path)
     sd = ckpt["state_dict"]
     assert ckpt["arch"] == "resnet50"
     assert sd["module.queue"].shape == (128, 65536)

@@ -13,6 +13,7 @@ import torch.nn as nn
 import torchvision
 from PIL import Image
 
+from convert import safe_load
 from pretrain import main_moco
 from pretrain.builder import MoCo, SplitBatchNorm
 
@@ -206,7 +207,7 @@ def run_pretrain(data, out, **kw):
 
 def test_checkpoint_format_and_resume_after_kill_is_exact(tiny_images, tmp_path):
     full = run_pretrain(tiny_images, tmp_path / "full", max_iters=6)
-    ck = torch.load(full, map_location="cpu", weights_only=False)
+    ck = safe_load.load_torch(full)
     assert {"epoch", "arch", "state_dict", "optimizer"} <= set(ck)
     assert ck["arch"] == "resnet18" and ck["epoch"] == 2  # 3 iterations per epoch
     sd = ck["state_dict"]
@@ -222,7 +223,7 @@ def test_checkpoint_format_and_resume_after_kill_is_exact(tiny_images, tmp_path)
     # killed after 4 iterations (mid-epoch 2), then started again: the same final weights
     run_pretrain(tiny_images, tmp_path / "cut", max_iters=4, save_every_iters=1)
     resumed = run_pretrain(tiny_images, tmp_path / "cut", max_iters=6)
-    ck2 = torch.load(resumed, map_location="cpu", weights_only=False)
+    ck2 = safe_load.load_torch(resumed)
     assert ck2["iteration"] == 6
     for k, v in sd.items():
         torch.testing.assert_close(ck2["state_dict"][k], v, rtol=0, atol=0, msg=k)
@@ -280,8 +281,8 @@ def test_linear_eval_trains_only_fc_and_supervised_baseline_converts(tiny_images
          "--precision", "fp32"])
     top1 = main_lincls.main(args)
     assert 0.0 <= top1 <= 100.0
-    lin = torch.load(tmp_path / "lin" / "checkpoint_last.pth.tar", weights_only=False)
-    pre = torch.load(ck, weights_only=False)["state_dict"]
+    lin = safe_load.load_torch(tmp_path / "lin" / "checkpoint_last.pth.tar")
+    pre = safe_load.load_torch(ck)["state_dict"]
     for k, v in lin["state_dict"].items():  # frozen: everything but fc, BN statistics included
         if not k.startswith("module.fc."):
             torch.testing.assert_close(v, pre["module.encoder_q." + k[len("module."):]])

@@ -64,7 +64,7 @@ def _child(args):
     if v["workers"] is not None:
         opts += ["DATALOADER.NUM_WORKERS", str(v["workers"])]
     out = tempfile.mkdtemp(prefix="bench_demo_")
-    cfg = setup_cfg(args.task, "random", 0, "smoke", opts, out)
+    cfg = setup_cfg(args.task, "random", scale="smoke", overrides=opts, output=out)
     if v["foreach"] is not None:
         speed.FOREACH = v["foreach"]
     if v["workers"] is None:

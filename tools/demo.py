@@ -35,6 +35,7 @@ from transfer.datasets import dataset_root
 import torch
 import torchvision
 
+from convert import safe_load
 from convert.to_detectron2 import main as convert_main
 from results.__main__ import main as results_main
 from results.collect import collect
@@ -54,7 +55,7 @@ def say(msg):
 def random_moco_checkpoint(reference, path, seed=12345):
     """A MoCo-format checkpoint (the keys, arch and layout of `reference`) whose encoder
     weights are a fresh random initialisation: the control's stand-in for a broken chain."""
-    ref = torch.load(reference, map_location="cpu", weights_only=False)
+    ref = safe_load.load_torch(reference)
     torch.manual_seed(seed)
     rnd = getattr(torchvision.models, ref["arch"])().state_dict()
     state = {}
@@ -74,8 +75,7 @@ def finished(ckpt, epochs):
     """Whether a pretraining checkpoint exists and has trained all `epochs`."""
     if not os.path.isfile(ckpt):
         return False
-
-    return torch.load(ckpt, map_location="cpu", weights_only=False).get("epoch", 0) >= epochs
+    return safe_load.load_torch(ckpt).get("epoch", 0) >= epochs
 
 
 def convert(src, dst, log_path):

@@ -128,8 +128,8 @@ def _pool(todo, start, jobs, poll=None):
 
 def _max_iter(p, extra):
     try:
-        return setup_cfg(p.task, p.weights_spec, p.seed, p.scale, list(extra), p.run_dir
-                         ).SOLVER.MAX_ITER
+        return setup_cfg(p.task, p.weights_spec, seed=p.seed, scale=p.scale,
+                         overrides=list(extra), output=p.run_dir).SOLVER.MAX_ITER
     except Exception:  # the run itself reports a bad config
         return 1
 

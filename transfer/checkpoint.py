@@ -13,7 +13,10 @@ and evaluation alike, with three changes:
   detectron2 only warns when keys do not match, so an empty or wrong conversion would train
   from random init without anyone noticing; here it raises ``WeightsNotLoaded``.
 
-A converted .pkl the config already read for its metadata (``weights.py``) is not read again.
+Every file is read as data only (``convert/safe_load.py``: weights_only for .pth, a restricted
+unpickler for .pkl); one that holds more is refused unless the run has --trust-checkpoint
+(``trust``). A converted .pkl the config already read for its metadata (``weights.py``) is not
+read again.
 """
 import logging
 import os
@@ -22,6 +25,7 @@ import re
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
+from convert import safe_load
 from convert.files import atomic_open, write_text_atomic
 from transfer.errors import UserError
 from transfer.weights import take_weights_file
@@ -44,9 +48,22 @@ def pretrained_resnet_keys(model):
             and not k.endswith("num_batches_tracked")]
 
 
+def as_detectron2_checkpoint(data, filename):
+    """What detectron2 makes of a loaded file: a zoo .pkl ({'model', '__author__'}) as it is,
+    any other .pkl as Caffe2 blobs (name-matched), a .pth as {'model': ...} if it is not one."""
+    if filename.endswith(".pkl"):
+        if "model" in data and "__author__" in data:
+            return data
+        blobs = data.get("blobs", data)  # detection models keep theirs under 'blobs'
+        return {"model": {k: v for k, v in blobs.items() if not k.endswith("_momentum")},
+                "__author__": "Caffe2", "matching_heuristics": True}
+    return data if "model" in data else {"model": data}
+
+
 class TransferCheckpointer(DetectionCheckpointer):
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, trust=False, **kwargs):
         super().__init__(*args, **kwargs)
+        self.trust = trust  # --trust-checkpoint: files that hold more than data load too
         self._verified = {}  # path -> loaded content, read once by readable_checkpoint
         self.incompatible = None  # the last load's missing/unexpected/wrong-shape keys
 
@@ -90,7 +107,9 @@ class TransferCheckpointer(DetectionCheckpointer):
                 skipped.append(f"{os.path.basename(path)} (missing)")
                 continue
             try:
-                self._verified = {path: super()._load_file(path)}
+                self._verified = {path: self._read(path)}
+            except safe_load.UntrustedCheckpoint:
+                raise  # not damage: a file that holds code is never skipped silently
             except Exception as e:  # any way a file fails to load: skip it, say why
                 skipped.append(f"{os.path.basename(path)} ({type(e).__name__}: "
                                f"{str(e).splitlines()[0] if str(e) else ''})")
@@ -118,13 +137,16 @@ class TransferCheckpointer(DetectionCheckpointer):
         self._source = path
         return super().load(path, checkpointables)
 
+    def _read(self, filename):
+        return as_detectron2_checkpoint(safe_load.load(filename, self.trust), filename)
+
     def _load_file(self, filename):
         if filename in self._verified:
             return self._verified.pop(filename)
-        data = take_weights_file(filename)
-        if isinstance(data, dict) and "model" in data and "__author__" in data:
-            return data  # a converted .pkl, as detectron2 reads one
-        return super()._load_file(filename)
+        data = take_weights_file(filename)  # a converted .pkl weights.py has read
+        if data is not None:
+            return as_detectron2_checkpoint(data, filename)
+        return self._read(filename)
 
     def _load_model(self, checkpoint):
         incompatible = self.incompatible = super()._load_model(checkpoint)

@@ -42,6 +42,9 @@ def add_moco_transfer_config(cfg):
     cfg.MOCO_TRANSFER.NUM_GPUS = 1
     # where the run departs from its task's protocol, in words (shown under the tables)
     cfg.MOCO_TRANSFER.DEVIATIONS = []
+    # --trust-checkpoint: weights and checkpoints that hold more than data are fully unpickled
+    # (convert/safe_load.py); recorded with the run
+    cfg.MOCO_TRANSFER.TRUST_CHECKPOINT = False
 
 
 def get_cfg():
@@ -136,12 +139,13 @@ def split_global_batch(cfg, world_size):
 
 
 def setup_cfg(task, weights="random", *, seed=0, scale="full", overrides=(), output=None,
-              world_size=1, runs_root="runs"):
+              world_size=1, runs_root="runs", trust=False):
     """The fully resolved config of one run of `world_size` processes."""
     cfg = load_task_config(task)
-    name, wcfg = weights_overrides(weights)
+    name, wcfg = weights_overrides(weights, trust)
     cfg.merge_from_list([x for kv in wcfg.items() for x in kv])
     cfg.MOCO_TRANSFER.WEIGHTS = name
+    cfg.MOCO_TRANSFER.TRUST_CHECKPOINT = trust
     if scale not in SCALES:
         raise ConfigError(f"unknown scale '{scale}'; known: {', '.join(SCALES)}")
     overrides = list(overrides)

@@ -25,6 +25,7 @@ import detectron2.utils.comm as comm
 from detectron2.engine import default_argument_parser, default_setup
 from detectron2.utils.logger import setup_logger
 
+from convert import safe_load
 from transfer import console, run_dir
 from transfer.config import setup_cfg
 from transfer.configs import task_config_path
@@ -39,7 +40,7 @@ logger = logging.getLogger("transfer")
 def resolve(args, world_size):
     return setup_cfg(args.task, args.weights, seed=args.seed, scale=args.scale,
                      overrides=args.opts, output=args.output, world_size=world_size,
-                     runs_root=args.runs)
+                     runs_root=args.runs, trust=args.trust_checkpoint)
 
 
 def main(args):
@@ -84,6 +85,7 @@ def get_parser():
     p.add_argument("--threads", type=int, default=None,
                    help="on a CPU: intra-op threads of the whole run on this machine, shared "
                         "out among its processes (default: every core)")
+    p.add_argument(safe_load.TRUST_FLAG, action="store_true", help=safe_load.TRUST_HELP)
     p.set_defaults(dist_url="auto")
     return p
 

@@ -73,7 +73,8 @@ class Trainer(DefaultTrainer):
     @staticmethod
     def checkpointer_for(model, cfg, **checkpointables):
         model = model.module if hasattr(model, "module") else model
-        return TransferCheckpointer(model, cfg.OUTPUT_DIR, **checkpointables)
+        return TransferCheckpointer(model, cfg.OUTPUT_DIR,
+                                    trust=cfg.MOCO_TRANSFER.TRUST_CHECKPOINT, **checkpointables)
 
     def build_hooks(self):
         """DefaultTrainer's hooks in its order, built here rather than replaced after the fact:

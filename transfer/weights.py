@@ -5,12 +5,13 @@ A spec is ``random``, ``supervised`` (MSRA's R-50, detectron2's ImageNet baselin
 carries its input normalisation and ResNet config (``moco_transfer`` metadata); the reference
 converters' outputs (``__author__`` MOCO / torchvision) are RGB with torchvision's statistics.
 
-The .pkl is read once: ``read_weights_file`` keeps the last file it read, and the checkpointer
-(``checkpoint.py``) takes it from there instead of unpickling every tensor a second time.
+The .pkl is read once, as data only (``convert/safe_load.py``; ``trust``: --trust-checkpoint):
+``read_weights_file`` keeps the last file it read, and the checkpointer (``checkpoint.py``)
+takes it from there instead of unpickling every tensor a second time.
 """
 import os
-import pickle
 
+from convert import safe_load
 from convert.formats import BGR_MSRA, RGB_TORCHVISION
 from transfer.errors import WeightsError
 
@@ -25,13 +26,13 @@ def _file_key(path):
     return os.path.abspath(path), st.st_mtime_ns, st.st_size
 
 
-def read_weights_file(path):
-    """The unpickled .pkl (latin1, as detectron2 reads Caffe2-era files); the last one is kept."""
+def read_weights_file(path, trust=False):
+    """The unpickled .pkl (data only, latin1 as detectron2 reads Caffe2-era files); the last
+    one is kept."""
     key = _file_key(path)
     if key not in _last_read:
         _last_read.clear()
-        with open(path, "rb") as f:
-            _last_read[key] = pickle.load(f, encoding="latin1")
+        _last_read[key] = safe_load.load_pickle(path, trust)
     return _last_read[key]
 
 
@@ -56,7 +57,7 @@ def parse_weights(spec):
     return base, spec
 
 
-def read_converted_metadata(path):
+def read_converted_metadata(path, trust=False):
     """Normalisation/config overrides carried by a converted .pkl (convert/to_detectron2.py)."""
     if not os.path.isfile(path):
         raise WeightsError(f"weights file '{path}' not found")
@@ -64,7 +65,7 @@ def read_converted_metadata(path):
         raise WeightsError(
             f"weights '{path}' are not in detectron2's format; convert them first:\n"
             f"  python convert/to_detectron2.py {path}")
-    data = read_weights_file(path)
+    data = read_weights_file(path, trust)
     meta = data.get("moco_transfer") if isinstance(data, dict) else None
     if meta:
         return dict(meta["normalization"], **meta.get("config", {})), meta
@@ -76,7 +77,7 @@ def read_converted_metadata(path):
         f"convert/to_detectron2.py (use --input-format rgb|bgr for a detectron2 .pkl)")
 
 
-def weights_overrides(spec):
+def weights_overrides(spec, trust=False):
     """(name, {config key: value}) for a weights spec. Random init uses the MoCo (RGB,
     torchvision) normalisation (PROTOCOL.md section 3)."""
     name, path = parse_weights(spec)
@@ -84,7 +85,7 @@ def weights_overrides(spec):
         return name, dict(RGB_TORCHVISION, **{"MODEL.WEIGHTS": ""})
     if path is None and name == "supervised":
         return name, dict(BGR_MSRA, **{"MODEL.WEIGHTS": MSRA_R50})
-    overrides, meta = read_converted_metadata(path)
+    overrides, meta = read_converted_metadata(path, trust)
     overrides["MODEL.WEIGHTS"] = os.path.abspath(path)
     overrides["MOCO_TRANSFER.WEIGHTS_SHA256"] = meta.get("sha256", "")
     overrides["MOCO_TRANSFER.WEIGHTS_FORMAT"] = meta.get("format", "")

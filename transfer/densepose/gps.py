@@ -24,6 +24,7 @@ import pickle
 import numpy as np
 from scipy.spatial.distance import cdist
 
+from convert import safe_load
 from convert.files import atomic_open
 from transfer.densepose.structures import N_CHARTS
 
@@ -111,8 +112,8 @@ def load_official_surface(folder):
             f"(expected the DensePose evaluation files {', '.join(OFFICIAL_FILES)})")
     subdiv = loadmat(os.path.join(folder, "SMPL_subdiv.mat"))
     index = np.asarray(loadmat(os.path.join(folder, "SMPL_SUBDIV_TRANSFORM.mat"))["index"])
-    with open(os.path.join(folder, "Pdist_matrix.pkl"), "rb") as f:
-        table = np.asarray(pickle.load(f, encoding="latin1")["Pdist_matrix"]).ravel()
+    table = np.asarray(safe_load.load_pickle(  # data only: numpy arrays
+        os.path.join(folder, "Pdist_matrix.pkl"))["Pdist_matrix"]).ravel()
     n = int(round((1 + np.sqrt(1 + 8 * len(table))) / 2))
     if n * (n - 1) // 2 != len(table):
         raise ValueError(f"Pdist_matrix.pkl in {folder} holds {len(table)} distances, not "
