@@ -8,6 +8,7 @@ export PYTHONUNBUFFERED := 1
 
 # pretraining
 DATA       ?=
+NPROC      ?= 1
 OUTPUT     ?=
 ARCH       ?=
 VERSION    ?= v2
@@ -36,7 +37,7 @@ JOBS  ?= 1
 RUNS  ?= runs
 OUT   ?= results/out
 
-.PHONY: help setup doctor test bench bench-tasks pretrain lincls supervised convert transfer densepose-fixture tasks suite results demo bench-demo clean
+.PHONY: help setup doctor test bench bench-tasks bench-processes pretrain lincls supervised convert transfer densepose-fixture tasks suite results demo bench-demo clean
 
 # List the targets and the transfer tasks.
 help: $(STAMP)
@@ -68,9 +69,10 @@ bench: $(STAMP)
 bench-tasks: $(STAMP)
 	$(PYTHON) -m tools.bench_tasks --out BENCHMARKS.md $(TASKS)
 
-# MoCo pretraining (DATA=folder; without DATA: the embedded synthetic data, small schedule).
+# MoCo pretraining (DATA=folder; without DATA: the embedded synthetic data, small schedule;
+# NPROC=N: N processes through torchrun, one GPU each, or gloo sharing the CPU's cores).
 pretrain: $(STAMP)
-	$(PYTHON) -m pretrain.main_moco $(if $(DATA),--data $(DATA)) $(if $(OUTPUT),--output $(OUTPUT)) \
+	$(if $(filter-out 1,$(NPROC)),$(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC),$(PYTHON)) -m pretrain.main_moco $(if $(DATA),--data $(DATA)) $(if $(OUTPUT),--output $(OUTPUT)) \
 	  $(if $(ARCH),--arch $(ARCH)) --version $(VERSION) $(if $(EPOCHS),--epochs $(EPOCHS)) \
 	  $(if $(BATCH_SIZE),--batch-size $(BATCH_SIZE)) $(TRUST_FLAG) $(ARGS)
 
@@ -115,6 +117,10 @@ results: $(STAMP)
 # The whole pipeline on generated data, on a CPU, in minutes (CONTROL=1: MoCo weights -> random).
 demo: $(STAMP)
 	$(PYTHON) -m tools.demo $(if $(CONTROL),--control-random-moco) $(ARGS)
+
+# 1 process against N gloo processes on this CPU, and the communication, side by side -> BENCHMARKS.md.
+bench-processes: $(STAMP)
+	$(PYTHON) -m tools.bench_processes --out BENCHMARKS.md $(ARGS)
 
 # Before/after speed of one demo fine-tuning iteration, side by side -> BENCHMARKS.md.
 bench-demo: $(STAMP)

@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from convert import safe_load
 from convert.files import atomic_open
+from convert.machine import cpu_count, cpu_has_fast_bf16
 
 logger = logging.getLogger("pretrain")
 
@@ -29,9 +30,7 @@ def init_distributed(threads=None):
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     if not torch.cuda.is_available():
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
-            (os.cpu_count() or 1)
-        torch.set_num_threads(max(1, (threads or cores) // local_world))
+        torch.set_num_threads(max(1, (threads or cpu_count()) // local_world))
     if world == 1:
         return 0, 1, 0
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0))
@@ -84,16 +83,6 @@ def git_sha():
 
 
 # ---------------------------------------------------------------- precision
-def cpu_has_fast_bf16():
-    """True where the CPU has native bf16 matrix units (AMX or AVX512-BF16)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-        return " amx_bf16" in flags or " avx512_bf16" in flags
-    except OSError:
-        return False
-
-
 def resolve_precision(precision, device):
     """'auto' -> bf16 on CUDA with bf16 support and on CPUs with fast bf16, else fp16 on CUDA,
     else fp32. Returns (name, autocast dtype or None, needs GradScaler, channels_last).

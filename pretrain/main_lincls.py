@@ -9,7 +9,6 @@ every other layer frozen and BN in eval mode. Without --val-data a fixed 20% of 
 import argparse
 import os
 
-import torch
 import torch.nn as nn
 import torchvision
 

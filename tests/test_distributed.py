@@ -342,3 +342,117 @@ def test_two_process_run_killed_then_a_rank_killed_resumes_bit_identical(runs, d
                                 "model_final.pth"}
     assert not [f for f in os.listdir(d) if f.endswith(".tmp")]
     assert log_has(d, "World size: 2")
+
+
+# ---------------------------------------------------------------- pretraining under torchrun
+# ResNet-18 at 32 px, global batch 16, K = 64, fp32 (the same arithmetic on every CPU). One
+# process with --shuffle-groups 2 computes what 2 processes compute (pretrain/builder.py), so
+# their losses differ by float summation order only: measured <= 2.6e-7 over the first three
+# iterations. After that, a change of thread count alone moves this tiny, collapsing run by
+# 1e-5 to 1e-3 (measured: one process, 1 thread against 2), so the first three are compared.
+# The control, one process without shuffle-BN groups (BN over all 16), differs at the first.
+PRETRAIN = ["--arch", "resnet18", "--epochs", "1", "--batch-size", "16", "--moco-k", "64",
+            "--image-size", "32", "--workers", "0", "--precision", "fp32", "--print-freq", "1",
+            "--lr", "0.03"]
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("pretrain-images")
+    rng = np.random.default_rng(0)
+    for i in range(112):  # 7 global batches of 16
+        Image.fromarray((rng.random((40, 40, 3)) * 255).astype(np.uint8)).save(
+            root / f"{i:03d}.png")
+    return str(root)
+
+
+def pretrain_cmd(images, out, nproc, *extra):
+    launcher = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--standalone",
+                "--nproc_per_node", str(nproc)] if nproc > 1 else [sys.executable]
+    return [*launcher, "-m", "pretrain.main_moco", "--data", images, "--output", out,
+            *PRETRAIN, *extra]
+
+
+def pretrain_losses(out):
+    with open(os.path.join(out, "metrics.json")) as f:
+        return [json.loads(line)["loss"] for line in f]
+
+
+@pytest.fixture(scope="module")
+def pretrained(images, tmp_path_factory):
+    root = tmp_path_factory.mktemp("pretrain-runs")
+    env, log = dict(os.environ, PYTHONUNBUFFERED="1"), str(root / "log.txt")
+    out = {k: str(root / k) for k in ("one", "two", "no_groups")}
+    finish(pretrain_cmd(images, out["one"], 1, "--shuffle-groups", "2", "--max-iters", "3"),
+           env, log)
+    finish(pretrain_cmd(images, out["two"], 2, "--max-iters", "6", "--save-every-iters", "2"),
+           env, log)
+    finish(pretrain_cmd(images, out["no_groups"], 1, "--shuffle-groups", "1", "--max-iters",
+                        "1"), env, log)
+    return out
+
+
+def test_pretraining_on_two_processes_equals_one_process_with_two_shuffle_groups(pretrained):
+    one, two = pretrain_losses(pretrained["one"]), pretrain_losses(pretrained["two"])
+    assert len(one) == 3 and len(two) == 6
+    assert relative(one, two[:3]).max() < LOSS_RTOL
+    no_groups = pretrain_losses(pretrained["no_groups"])
+    assert relative(one[:1], no_groups)[0] > 100 * LOSS_RTOL
+    with open(os.path.join(pretrained["two"], "config.json")) as f:
+        config = json.load(f)
+    assert (config["world_size"], config["per_process_batch"]) == (2, 8)
+
+
+def test_pretraining_on_two_processes_killed_resumes_bit_identical_in_the_same_format(
+        pretrained, images, tmp_path):
+    """torchrun with 2 processes, SIGKILLed (the whole group) after its checkpoint of iteration
+    2, started again: its checkpoint after 6 iterations equals the uninterrupted run's bit for
+    bit (weights, queue, optimizer), in the reference format of a 1-process checkpoint."""
+    from convert.safe_load import load as load_checkpoint
+
+    out = str(tmp_path / "run")
+    cmd = pretrain_cmd(images, out, 2, "--max-iters", "6", "--save-every-iters", "2")
+    env, log = dict(os.environ, PYTHONUNBUFFERED="1"), str(tmp_path / "log.txt")
+    last = os.path.join(out, "checkpoint_last.pth.tar")
+    kill_when(start(cmd, env, log), lambda: os.path.isfile(last))
+    assert load_checkpoint(last)["iteration"] < 6
+    finish(cmd, env, log)
+    assert "resumed from" in open(os.path.join(out, "log.txt")).read()
+    resumed, reference = load_checkpoint(last), load_checkpoint(
+        os.path.join(pretrained["two"], "checkpoint_last.pth.tar"))
+    one = load_checkpoint(os.path.join(pretrained["one"], "checkpoint_last.pth.tar"))
+    assert resumed["iteration"] == reference["iteration"] == 6
+    for k, v in reference["state_dict"].items():
+        assert torch.equal(resumed["state_dict"][k], v), k
+    for a, b in zip(resumed["optimizer"]["state"].values(),
+                    reference["optimizer"]["state"].values()):
+        assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])
+    # the format: the same keys as one process writes (module.encoder_q.*, module.queue, ...)
+    assert set(resumed) == set(one)
+    assert {k: v.shape for k, v in resumed["state_dict"].items()} == \
+        {k: v.shape for k, v in one["state_dict"].items()}
+    assert any(k.startswith("module.encoder_q.") for k in resumed["state_dict"])
+
+
+def test_suite_runs_a_two_process_run_under_submitit_one_task_per_gpu(data, tmp_path,
+                                                                      monkeypatch):
+    """`make suite ... --slurm --gpus-per-node 2` (submitit's local executor standing in for
+    SLURM): one job of two tasks, each the run's process of one GPU, started from outside and
+    recognised by train_net; the run completes as a 2-process run."""
+    from tools.suite import get_parser, plan, submit_slurm
+
+    monkeypatch.setenv("DETECTRON2_DATASETS", data)
+    args = get_parser().parse_args(
+        ["--tasks", TASK, "--weights", "random", "--seeds", "1", "--scale", "smoke",
+         "--runs", str(tmp_path / "runs"), "--slurm", "--cluster", "local",
+         "--gpus-per-node", "2", *SAME_COMPUTATION[:4], "SOLVER.MAX_ITER", "2",
+         "TEST.PRECISE_BN.NUM_ITER", "1"])
+    planned = plan(args.tasks.split(), args.weights.split(), [0], args.scale, args.runs)
+    job, = submit_slurm(planned, args.runs, args)
+    assert job.results() == [planned[0].run_dir] * 2  # both tasks
+    with open(os.path.join(planned[0].run_dir, "results.json")) as f:
+        results = json.load(f)
+    assert results["state"] == "complete"
+    assert results["processes"] == {"world_size": 2, "ims_per_process": 1, "device": "cpu"}

@@ -28,7 +28,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from PIL import Image
 from torch.nn.modules.module import register_module_forward_pre_hook
 
@@ -190,3 +189,43 @@ def test_pretraining_step_at_protocol_size(tmp_path):
     with open(tmp_path / "pretrain" / "metrics.json") as f:
         steps = [json.loads(line) for line in f if '"loss"' in line]
     assert steps and all(math.isfinite(s["loss"]) for s in steps)
+
+
+def test_protocol_task_on_two_processes(protocol_root, tmp_path):
+    """coco_mask_fpn_1x at its real input sizes on 2 processes (torchrun, gloo): one training
+    iteration of the global batch of 2, one image per process, each at the protocol's size;
+    evaluation split over the processes (each test image once) and gathered; every metric the
+    table needs, recorded with the run's layout."""
+    task = "coco_mask_fpn_1x"
+    overrides = tier_overrides(task)
+    overrides[overrides.index("SOLVER.IMS_PER_BATCH") + 1] = "2"
+    record = str(tmp_path / "probe.json")
+    cmd = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--standalone",
+           "--nproc_per_node", "2", "-m", "transfer.protocol_probe", "--record", record, "--",
+           "--task", task, "--weights", "random", "--runs", str(tmp_path), *overrides]
+    proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, DETECTRON2_DATASETS=protocol_root),
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    cfg = setup_cfg(task, "random", overrides=overrides, world_size=2)
+    ranks = []
+    for path in (record, record + ".rank1"):
+        with open(path) as f:
+            ranks.append(json.load(f))
+    # each training forward (the iteration, then PreciseBN's) gets one image on each process
+    train = [[fwd["images"] for fwd in r["forwards"] if fwd["mode"] == "train"] for r in ranks]
+    test = [[im["file_name"] for fwd in r["forwards"] if fwd["mode"] == "test"
+             for im in fwd["images"]] for r in ranks]
+    for forwards in train:
+        assert len(forwards) == 2 and all(len(images) == 1 for images in forwards)
+        for (im,) in forwards:
+            assert tuple(im["size"]) == expected_size(cfg, im["file_name"], True)
+    with open(os.path.join(protocol_root, "coco", "annotations", "instances_val2017.json")) as f:
+        val = sorted(im["file_name"] for im in json.load(f)["images"])
+    # each test image once, on one of the processes
+    assert sorted(os.path.basename(p) for p in test[0] + test[1]) == val
+    with open(os.path.join(tmp_path, task, "random", "seed0", "results.json")) as f:
+        results = json.load(f)
+    assert results["state"] == "complete"
+    assert set(cfg.MOCO_TRANSFER.METRICS) <= set(results["metrics"])
+    assert results["processes"] == {"world_size": 2, "ims_per_process": 1, "device": "cpu"}
+    assert results["protocol"] == {**results["protocol"], "ims_per_batch": 2, "scale": "full"}

@@ -164,8 +164,8 @@ def test_real_smoke_suite_two_weights_two_seeds_end_to_end(tmp_path):
 
 
 def test_suite_jobs_runs_n_at_a_time_each_with_its_share_of_the_cores(tmp_path, monkeypatch):
-    """--jobs N: at most N runs at once, all of them run, a failed one is counted, and each
-    run's OpenMP threads are the cores divided by N (an explicit OMP_NUM_THREADS wins)."""
+    """--jobs N: at most N runs at once, all of them run, a failed one is counted, and each run
+    gets the cores divided by N (--threads), shared in turn by its --num-gpus processes."""
     import sys
 
     from tools import suite
@@ -173,24 +173,30 @@ def test_suite_jobs_runs_n_at_a_time_each_with_its_share_of_the_cores(tmp_path, 
     log = tmp_path / "log"
     script = ("import os, sys, time; t0 = time.time(); time.sleep(0.6); "
               f"open({str(log)!r}, 'a').write('%s %f %f %s\\n' % (sys.argv[1], t0, time.time(), "
-              "os.environ.get('OMP_NUM_THREADS'))); sys.exit(3 if sys.argv[1] == '2' else 0)")
-    monkeypatch.setattr(suite.PlannedRun, "command",
-                        lambda self, *a, **k: [sys.executable, "-c", script, str(self.seed)])
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+              "' '.join(sys.argv[2:]))); sys.exit(3 if sys.argv[1] == '2' else 0)")
+
+    real = suite.PlannedRun.command  # what train_net would be given
+
+    def command(self, runs_root, num_gpus=1, extra=(), threads=None):
+        argv = real(self, runs_root, num_gpus, extra, threads)
+        return [sys.executable, "-c", script, str(self.seed),
+                *argv[argv.index("--num-gpus"):argv.index("--num-gpus") + 4]]
+
+    monkeypatch.setattr(suite.PlannedRun, "command", command)
+    monkeypatch.setattr(suite, "cpu_count", lambda: 4)
     for quiet in ("0", "1"):
         monkeypatch.setenv("MOCO_TRANSFER_QUIET", quiet)
         monkeypatch.setenv("MOCO_TRANSFER_VERBOSE", "0")
         log.write_text("")
         planned = plan(["voc_frcnn_c4_24k"], ["random"], [0, 1, 2, 3, 4], "smoke",
                        str(tmp_path / f"runs{quiet}"))
-        assert suite.run_local(planned, str(tmp_path / "runs"), jobs=2) == 1  # seed 2 failed
+        assert suite.run_local(planned, str(tmp_path / "runs"), num_gpus=2, jobs=2) == 1
         rows = [line.split() for line in log.read_text().splitlines()]
-        assert sorted(int(r[0]) for r in rows) == [0, 1, 2, 3, 4]
-        assert {r[3] for r in rows} == {"2"}  # 4 cores / 2 jobs
+        assert sorted(int(r[0]) for r in rows) == [0, 1, 2, 3, 4]  # seed 2 failed, counted
+        # 4 cores / 2 jobs = 2 threads per run, for its 2 processes
+        assert {tuple(r[3:]) for r in rows} == {("--num-gpus", "2", "--threads", "2")}
         spans = [(float(r[1]), float(r[2])) for r in rows]
         at_once = max(sum(a <= t < b for a, b in spans) for t, _ in spans)
         assert at_once == 2, spans  # two at a time, never three
-    assert "OMP_NUM_THREADS" not in suite.job_env(1)  # one job: torch's own default
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    assert suite.job_env(2)["OMP_NUM_THREADS"] == "1"
+    assert [s.threads for s in suite.local_slots(1, 1)] == [4]
+    assert [s.threads for s in suite.local_slots(3, 1, threads=12)] == [4, 4, 4]

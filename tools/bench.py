@@ -12,7 +12,6 @@ a 2-core machine; `--eval-images 5000` for the full size.)
 import argparse
 import datetime
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -33,18 +32,7 @@ from pretrain.synthetic import generate
 from results.__main__ import main as results_main
 from transfer.datasets import dataset_root
 from transfer.fast_eval import FasterCOCOeval
-
-
-def machine():
-    cpu = platform.processor() or "?"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
-    return (f"{cpu}, {os.cpu_count()} cores, GPU {gpu}, torch {torch.__version__}, "
-            f"fast bf16 CPU: {engine.cpu_has_fast_bf16()}")
+from tools.benchmarking import machine, publish
 
 
 def peak_rss_mb():
@@ -236,12 +224,7 @@ def main(argv=None):
         bench_results(lines)
     if "coco_eval" in which:
         bench_coco_eval(lines, args.eval_images)
-    text = "\n".join(lines) + "\n"
-    print(text)
-    header = "" if os.path.exists(args.out) else (
-        "# Benchmarks\n\nAppended by `make bench`; each section names the machine it ran on.\n\n")
-    with open(args.out, "a") as f:
-        f.write(header + text)
+    publish(args.out, "\n".join(lines) + "\n", "bench")
     return 0
 
 

@@ -22,7 +22,6 @@ title).
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -38,11 +37,10 @@ from transfer.sampling import seed_everything
 
 import torch
 from detectron2.engine import hooks
-from detectron2.utils.events import EventStorage
 
-from convert.files import write_text_atomic
 from pretrain import synthetic
-from tools.suite import job_env
+from convert.machine import cpu_count
+from tools.benchmarking import machine, publish, timed_steps
 
 SECTION = "### Demo fine-tuning iteration, before/after the CPU speed-ups (issue #17)"
 
@@ -77,48 +75,13 @@ def _child(args):
         for h in trainer._hooks:
             if type(h) is hooks.PeriodicWriter:
                 h._period = v["period"]
-    times, losses = [], []
-    with EventStorage(0) as trainer.storage:
-        trainer.before_train()
-        for i in range(args.warmup + args.iters):
-            trainer.iter = i
-            t0 = time.perf_counter()
-            trainer.before_step()
-            trainer.run_step()
-            trainer.after_step()
-            times.append(time.perf_counter() - t0)
-            losses.append(float(trainer.storage.history("total_loss").latest()))
+    times, losses = zip(*timed_steps(trainer, args.warmup + args.iters))
     res = dict(times=times[args.warmup:], losses=losses,
                omp=os.environ.get("OMP_WAIT_POLICY") or "(unset)",
                workers=cfg.DATALOADER.NUM_WORKERS, threads=torch.get_num_threads(),
                foreach=trainer.optimizer.param_groups[0].get("foreach"),
                period=[h._period for h in trainer._hooks if type(h) is hooks.PeriodicWriter])
     print(json.dumps(res))
-
-
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def write_section(path, text):
-    """Replace (or append) SECTION in the markdown file, atomically."""
-    old = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
-    start = old.find(SECTION)
-    if start >= 0:
-        end = old.find("\n## ", start)
-        end2 = old.find("\n### ", start + len(SECTION))
-        ends = [e for e in (end, end2) if e >= 0]
-        new = old[:start] + text + (old[min(ends) + 1:] if ends else "")
-    else:
-        new = old.rstrip("\n") + "\n\n" + text
-    write_text_atomic(new, path)
 
 
 def main(argv=None):
@@ -141,7 +104,9 @@ def main(argv=None):
             cmd = [sys.executable, "-m", "tools.bench_demo", "--task", args.task, "--iters",
                    str(args.iters), "--warmup", str(args.warmup), "--max-iter",
                    str(args.max_iter), "--child", json.dumps(v)]
-            env = job_env(v["jobs"])
+            env = dict(os.environ)
+            if v["jobs"] > 1:  # each of the runs at once gets its share of the cores
+                env["OMP_NUM_THREADS"] = str(max(1, cpu_count() // v["jobs"]))
             env.pop("OMP_WAIT_POLICY", None)
             if v["omp"] is not None:  # "": libgomp's default (spin, then sleep)
                 env["OMP_WAIT_POLICY"] = v["omp"]
@@ -164,7 +129,7 @@ def main(argv=None):
     n = min(len(lb), len(la), 10)
     lines = [
         SECTION, "",
-        f"{cpu_name()}, {os.cpu_count()} cores, torch threads {runs['after'][0]['threads']}; "
+        f"{machine()}, torch threads {runs['after'][0]['threads']}; "
         f"measured {time.strftime('%Y-%m-%d %H:%M')} with `python -m tools.bench_demo "
         f"--rounds {args.rounds} --iters {args.iters}` (load average at the end "
         f"{load[0]:.2f}; the machine is shared, so the variants alternate).", "",
@@ -190,11 +155,7 @@ def main(argv=None):
               "|---|" + "---|" * n,
               "| before | " + " | ".join(f"{x:.3f}" for x in lb[:n]) + " |",
               "| after | " + " | ".join(f"{x:.3f}" for x in la[:n]) + " |", ""]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        write_section(args.out, text)
-        print(f"[bench_demo] section written to {args.out}")
+    publish(args.out, "\n".join(lines) + "\n", "bench_demo")
     return 0
 
 

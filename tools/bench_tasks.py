@@ -21,7 +21,7 @@ import tempfile
 
 import torch
 
-from tools.bench import machine
+from tools.benchmarking import machine, publish
 from tests.conftest import SHARED_DATA
 from tools.fixtures.protocol import write_protocol_datasets
 from tests.test_full_protocol import run_key, tier_overrides
@@ -72,10 +72,9 @@ def main(argv=None):
             r = rows[-1]
             print(f"{task}: {r['cpu_s']:.1f} CPU s, {r['wall_s']:.1f} s, "
                   f"{r['rss_train']:.0f} MB", flush=True)
-    lines = [f"\n## {machine()}\n",
-             f"Measured {datetime.datetime.now():%Y-%m-%d %H:%M} with "
+    lines = ["## One full-size training iteration per task (batch 1, CPU)\n",
+             f"{machine()}; measured {datetime.datetime.now():%Y-%m-%d %H:%M} with "
              f"`{' '.join(['python -m tools.bench_tasks'] + args.tasks)}`.\n",
-             "### One full-size training iteration per task (batch 1, CPU)\n",
              f"torch threads: {torch.get_num_threads()}. Training sizes are (h x w) as the model "
              "saw them (the largest of the protocol's sizes; the tier's real-size images); test "
              "sizes are the protocol's. CPU s counts every thread of the process (second "
@@ -85,9 +84,7 @@ def main(argv=None):
              "|---|---|---|---|---|---|"]
     lines += [f"| `{r['task']}` | {r['train']} | {r['test']} | {r['cpu_s']:.1f} | "
               f"{r['wall_s']:.1f} | {r['rss_train']:.0f} |" for r in rows]
-    with open(args.out, "a") as f:
-        f.write("\n".join(lines) + "\n")
-    print(f"appended to {args.out}")
+    publish(args.out, "\n".join(lines) + "\n", "bench_tasks")
 
 
 if __name__ == "__main__":

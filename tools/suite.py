@@ -9,9 +9,10 @@ preemption"); the rest start fresh. A run killed during its final evaluation is 
 again from model_final.pth without training. So a suite killed at any moment and started again
 runs only what is missing or incomplete. Locally the runs go one after another, or --jobs N at
 a time (on a CPU each gets 1/N of the cores: small runs use 2 one-thread processes better than
-one two-thread process, see BENCHMARKS.md); with --slurm
-each run is one submitit job (or one job array with --array), and a job that SLURM preempts is
-requeued and resumes (--cluster local: submitit's local executor, same requeue logic).
+one two-thread process, see BENCHMARKS.md; on GPUs each gets --num-gpus devices of its own);
+each run has --num-gpus processes. With --slurm each run is one submitit job of one task per
+GPU (or one job array with --array), and a job that SLURM preempts is requeued and resumes
+(--cluster local: submitit's local executor, same requeue logic).
 """
 import argparse
 import os
@@ -21,10 +22,13 @@ import tempfile
 import time
 from dataclasses import dataclass
 
+import torch
+
 from results.collect import read_run
 from transfer import console
 from transfer.config import setup_cfg
 from transfer.configs import known_tasks
+from transfer.launch import cpu_count
 from transfer.run_dir import run_dir
 from transfer.weights import parse_weights
 
@@ -40,12 +44,38 @@ class PlannedRun:
     action: str  # skip | resume | start
     why: str
 
-    def command(self, runs_root, num_gpus=1, extra=(), dist_url=None):
-        """train_net's command line; the KEY VALUE overrides `extra` come last."""
+    def command(self, runs_root, num_gpus=1, extra=(), threads=None):
+        """train_net's command line: `num_gpus` processes started by train_net (1 where they
+        are started from outside, as SLURM tasks), `threads` CPU threads shared among them;
+        the KEY VALUE overrides `extra` come last."""
         return [sys.executable, "-m", "transfer.train_net", "--task", self.task, "--weights",
                 self.weights_spec, "--seed", str(self.seed), "--scale", self.scale,
                 "--runs", runs_root, "--num-gpus", str(num_gpus),
-                *(["--dist-url", dist_url] if dist_url else []), *extra]
+                *(["--threads", str(threads)] if threads else []), *extra]
+
+
+@dataclass
+class Slot:
+    """What one of the concurrent local runs gets: its GPUs (an environment to add), or its
+    share of the CPU's cores."""
+    env: dict
+    threads: int = None
+
+
+def local_slots(jobs, num_gpus, threads=None):
+    """The `jobs` slots of a local suite whose runs have `num_gpus` processes each: on GPUs,
+    num_gpus devices of their own (CUDA_VISIBLE_DEVICES); on a CPU, `threads` (default: every
+    core) shared out equally."""
+    if not torch.cuda.is_available():
+        return [Slot({}, max(1, (threads or cpu_count()) // jobs)) for _ in range(jobs)]
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    devices = visible.split(",") if visible else \
+        [str(i) for i in range(torch.cuda.device_count())]
+    if jobs * num_gpus > len(devices):
+        raise SystemExit(f"--jobs {jobs} x --num-gpus {num_gpus} needs {jobs * num_gpus} GPUs; "
+                         f"this machine has {len(devices)}")
+    return [Slot({"CUDA_VISIBLE_DEVICES": ",".join(devices[k * num_gpus:(k + 1) * num_gpus])})
+            for k in range(jobs)]
 
 
 def plan(tasks, weights, seeds, scale, runs_root):
@@ -72,21 +102,24 @@ def plan(tasks, weights, seeds, scale, runs_root):
     return planned
 
 
-def run_local(planned, runs_root, num_gpus=1, extra=(), jobs=1):
-    """Run what is not complete, `jobs` runs at a time; returns the number of failed runs."""
+def run_local(planned, runs_root, num_gpus=1, extra=(), jobs=1, threads=None):
+    """Run what is not complete, `jobs` runs of `num_gpus` processes at a time (each in its
+    slot: ``local_slots``); returns the number of failed runs."""
     todo = [p for p in planned if p.action != "skip"]
     if not todo:
         return 0
+    slots = local_slots(jobs, num_gpus, threads)
     if console.quiet():
-        return _run_local_quiet(todo, runs_root, num_gpus, extra, jobs)
+        return _run_local_quiet(todo, runs_root, num_gpus, extra, slots)
     failures = 0
 
-    def started(i, p):
+    def started(i, p, slot):
         print(f"[suite] ({i + 1}/{len(todo)}) {p.action}: {p.task} / {p.weights_name} / "
               f"seed {p.seed}", flush=True)
-        return subprocess.Popen(p.command(runs_root, num_gpus, extra), env=job_env(jobs))
+        return subprocess.Popen(p.command(runs_root, num_gpus, extra, slot.threads),
+                                env={**os.environ, **slot.env})
 
-    for _, p, proc in _pool(todo, started, jobs):
+    for _, p, proc in _pool(todo, started, slots):
         if proc.returncode != 0:
             failures += 1
             print(f"[suite] run failed (exit {proc.returncode}); see {p.run_dir}/status.json",
@@ -94,35 +127,28 @@ def run_local(planned, runs_root, num_gpus=1, extra=(), jobs=1):
     return failures
 
 
-def job_env(jobs):
-    """The environment of one of `jobs` concurrent local runs: each gets an equal share of the
-    cores for its intra-op threads, unless OMP_NUM_THREADS already says how many."""
-    env = dict(os.environ)
-    if jobs > 1 and "OMP_NUM_THREADS" not in env:
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
-    return env
-
-
-def _pool(todo, start, jobs, poll=None):
-    """Start `start(i, planned_run) -> Popen` for every run, at most `jobs` at a time; yields
+def _pool(todo, start, slots, poll=None):
+    """Start `start(i, planned_run, slot) -> Popen` for every run, one per free slot; yields
     (i, planned_run, finished Popen) as they end. `poll(running)` is called while waiting. On an
     exception (Ctrl-C included) the running processes are terminated: they resume next time."""
-    pending, running = list(enumerate(todo)), []
+    pending, running, free = list(enumerate(todo)), [], list(slots)
     try:
         while pending or running:
-            while pending and len(running) < max(1, jobs):
+            while pending and free:
                 i, p = pending.pop(0)
-                running.append((i, p, start(i, p)))
+                slot = free.pop(0)
+                running.append((i, p, start(i, p, slot), slot))
             time.sleep(0.5)
             for r in [r for r in running if r[2].poll() is not None]:
                 running.remove(r)
-                yield r
+                free.append(r[3])
+                yield r[:3]
             if poll is not None:
                 poll(running)
     finally:
-        for _, _, proc in running:
+        for _, _, proc, _ in running:
             proc.terminate()
-        for _, _, proc in running:
+        for _, _, proc, _ in running:
             proc.wait()
 
 
@@ -142,33 +168,33 @@ def _read_progress(path):
         return 0
 
 
-def _run_local_quiet(todo, runs_root, num_gpus, extra, jobs):
+def _run_local_quiet(todo, runs_root, num_gpus, extra, slots):
     """The quiet console (transfer/console.py): one progress bar over every iteration of every
     run; each run's terminal output goes to <run>/console.log, its log to <run>/log.txt."""
     iters = [_max_iter(p, extra) for p in todo]
     failures, finished = 0, 0
     bar = console.bar(sum(iters), f"fine-tuning {len(todo)} runs"
-                      + (f", {jobs} at a time" if jobs > 1 else ""), unit="it")
+                      + (f", {len(slots)} at a time" if len(slots) > 1 else ""), unit="it")
     with tempfile.TemporaryDirectory() as tmp:
         def progress(i):
             return os.path.join(tmp, f"run{i}")
 
-        def start(i, p):
+        def start(i, p, slot):
             os.makedirs(p.run_dir, exist_ok=True)
             with open(os.path.join(p.run_dir, "console.log"), "a") as out:
-                return subprocess.Popen(p.command(runs_root, num_gpus, extra), stdout=out,
-                                        stderr=subprocess.STDOUT,
-                                        env=dict(job_env(jobs),
-                                                 **{console.PROGRESS_ENV: progress(i)}))
+                return subprocess.Popen(p.command(runs_root, num_gpus, extra, slot.threads),
+                                        stdout=out, stderr=subprocess.STDOUT,
+                                        env={**os.environ, **slot.env,
+                                             console.PROGRESS_ENV: progress(i)})
 
         def poll(running):
             done = finished + sum(min(_read_progress(progress(i)), iters[i])
-                                  for i, _, _ in running)
+                                  for i, *_ in running)
             bar.set_postfix_str(", ".join(f"{p.weights_name} seed {p.seed}"
-                                          for _, p, _ in running), refresh=False)
+                                          for _, p, *_ in running), refresh=False)
             bar.update(max(0, done - bar.n))
 
-        for i, p, proc in _pool(todo, start, jobs, poll):
+        for i, p, proc in _pool(todo, start, slots, poll):
             finished += iters[i]
             if proc.returncode != 0:
                 failures += 1
@@ -180,23 +206,26 @@ def _run_local_quiet(todo, runs_root, num_gpus, extra, jobs):
 
 
 class _SlurmRun:
-    """A submitit callable: runs one transfer run; on preemption it is requeued and resumes.
+    """A submitit callable: one task of one transfer run, one task per GPU (the run's process of
+    that GPU, which train_net recognises from the rank, world size and master address given to
+    it); on preemption the job is requeued and resumes.
 
     When the scheduler signals a preemption, submitit calls ``checkpoint`` and exits; the
     exit interrupts ``subprocess.run``, which kills the training process. Nothing is saved
     then: the requeued job resumes from the run's last checkpoint, exactly."""
 
-    def __init__(self, planned, runs_root, num_gpus, extra):
-        self.planned, self.runs_root, self.num_gpus, self.extra = planned, runs_root, \
-            num_gpus, list(extra)
+    def __init__(self, planned, runs_root, extra):
+        self.planned, self.runs_root, self.extra = planned, runs_root, list(extra)
 
     def __call__(self):
         import submitit
 
-        env = submitit.JobEnvironment()
-        cmd = self.planned.command(self.runs_root, self.num_gpus, self.extra,
-                                   dist_url=f"tcp://{env.hostnames[0]}:29500")
-        subprocess.run(cmd, check=True)
+        layout = submitit.helpers.TorchDistributedEnvironment()
+        env = dict(os.environ, RANK=str(layout.rank), WORLD_SIZE=str(layout.world_size),
+                   LOCAL_RANK=str(layout.local_rank),
+                   LOCAL_WORLD_SIZE=str(layout.local_world_size),
+                   MASTER_ADDR=layout.master_addr, MASTER_PORT=str(layout.master_port))
+        subprocess.run(self.planned.command(self.runs_root, 1, self.extra), env=env, check=True)
         return self.planned.run_dir
 
     def checkpoint(self):
@@ -211,11 +240,11 @@ def submit_slurm(planned, runs_root, args):
     executor = submitit.AutoExecutor(folder=os.path.join(runs_root, "slurm", "%j"),
                                      cluster=args.cluster)
     executor.update_parameters(
-        nodes=1, gpus_per_node=args.gpus_per_node, tasks_per_node=1,
+        nodes=1, gpus_per_node=args.gpus_per_node, tasks_per_node=args.gpus_per_node,
         cpus_per_task=args.cpus_per_task, timeout_min=args.timeout_min,
         slurm_partition=args.partition, name="moco-transfer")
     todo = [p for p in planned if p.action != "skip"]
-    calls = [_SlurmRun(p, runs_root, args.gpus_per_node, args.opts) for p in todo]
+    calls = [_SlurmRun(p, runs_root, args.opts) for p in todo]
     if args.array:
         with executor.batch():
             jobs = [executor.submit(c) for c in calls]
@@ -234,9 +263,15 @@ def get_parser():
     ap.add_argument("--seeds", default="1", help="a count N (seeds 0..N-1) or a list '0,3,7'")
     ap.add_argument("--scale", default="full")
     ap.add_argument("--runs", default="runs")
-    ap.add_argument("--num-gpus", type=int, default=1)
+    ap.add_argument("--num-gpus", type=int, default=1,
+                    help="processes per local run: GPUs, or gloo processes on a CPU (with "
+                         "--slurm: --gpus-per-node, one task per GPU)")
     ap.add_argument("--jobs", type=int, default=1,
-                    help="local runs at a time; on a CPU the cores are shared out among them")
+                    help="local runs at a time; on a CPU the cores are shared out among them, "
+                         "on GPUs each run gets --num-gpus devices of its own")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="on a CPU: threads of all the local runs together (default: every "
+                         "core), shared out among the runs and their processes")
     ap.add_argument("--dry-run", action="store_true", help="list the plan, run nothing")
     ap.add_argument("-v", "--verbose", action="store_true",
                     help="the runs' full logs on the terminal (default when not interactive)")
@@ -247,7 +282,7 @@ def get_parser():
                          "local: jobs on this machine, with the same preemption requeue)")
     ap.add_argument("--partition", default=None)
     ap.add_argument("--gpus-per-node", type=int, default=8)
-    ap.add_argument("--cpus-per-task", type=int, default=80)
+    ap.add_argument("--cpus-per-task", type=int, default=10, help="with --slurm: per GPU")
     ap.add_argument("--timeout-min", type=int, default=4320)
     ap.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides for every run")
     return ap
@@ -274,7 +309,8 @@ def main(argv=None):
     if args.slurm:
         submit_slurm(planned, args.runs, args)
         return 0
-    return 1 if run_local(planned, args.runs, args.num_gpus, args.opts, args.jobs) else 0
+    return 1 if run_local(planned, args.runs, args.num_gpus, args.opts, args.jobs,
+                          args.threads) else 0
 
 
 if __name__ == "__main__":

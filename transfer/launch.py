@@ -25,7 +25,6 @@ last checkpoint.
 import ctypes
 import dataclasses
 import logging
-import os
 import signal
 import sys
 from datetime import timedelta
@@ -35,6 +34,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from detectron2.utils import comm
 
+from convert.machine import cpu_count
 from transfer.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -61,12 +61,6 @@ class Layout:
     @property
     def machine_rank(self):
         return self.rank // self.local_world_size
-
-
-def cpu_count():
-    """The cores this process may run on (its affinity mask, as a scheduler sets it)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
-        (os.cpu_count() or 1)
 
 
 def external_layout(environ):

@@ -3,7 +3,8 @@
     python -m transfer.protocol_probe --record probe.json -- --task coco_mask_fpn_2x \
         --weights random SOLVER.IMS_PER_BATCH 1 SOLVER.MAX_ITER 1
 
-Everything after ``--`` goes to ``transfer.train_net`` unchanged. The record (JSON) holds, for
+Everything after ``--`` goes to ``transfer.train_net`` unchanged. Under torchrun every process
+records what it saw (rank r > 0 into ``RECORD.rank<r>``). The record (JSON) holds, for
 every forward of the detection/segmentation model (any detectron2 meta-architecture): train or
 test mode, and per image its file, the size of the image tensor it received and, for semantic
 segmentation, the size of the predicted map; for every training iteration the wall and CPU
@@ -13,6 +14,7 @@ full-protocol test tier (tests/test_full_protocol.py) asserts on it, and ``make 
 turns it into the per-task cost table of BENCHMARKS.md.
 """
 import argparse
+import os
 import resource
 import sys
 import time
@@ -75,6 +77,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--record", required=True, help="JSON file to write")
     args = p.parse_args(argv[:split])
+    rank = int(os.environ.get("RANK", "0"))  # set by torchrun for each of its processes
+    record = args.record if rank == 0 else f"{args.record}.rank{rank}"
     recorder = Recorder()
     handles = recorder.install()
     started = time.perf_counter()
@@ -92,7 +96,7 @@ def main(argv=None):
                     "peak_rss_mb": peak_rss_mb(), "seconds": time.perf_counter() - started,
                     "threads": torch.get_num_threads(),
                     "error": None if error is None else f"{type(error).__name__}: {error}"},
-                   args.record, indent=1)
+                   record, indent=1)
 
 
 if __name__ == "__main__":
