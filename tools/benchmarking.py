@@ -45,7 +45,8 @@ def publish(path, text, tag):
 
 def timed_steps(trainer, count):
     """Run `count` training iterations (hooks, writers, data loading and all) from iteration 0;
-    returns [(seconds, total_loss)] per iteration."""
+    returns [(seconds, total_loss)] per iteration (the loss on the main process only, where
+    detectron2 gathers it; nan elsewhere)."""
     out = []
     with EventStorage(0) as trainer.storage:
         trainer.before_train()
@@ -55,6 +56,6 @@ def timed_steps(trainer, count):
             trainer.before_step()
             trainer.run_step()
             trainer.after_step()
-            out.append((time.perf_counter() - t0,
-                        float(trainer.storage.history("total_loss").latest())))
+            loss = trainer.storage.histories().get("total_loss")
+            out.append((time.perf_counter() - t0, loss.latest() if loss else float("nan")))
     return out
