@@ -4,7 +4,3 @@ loading and the embedded synthetic data (``synthetic.py``); SLURM submission (``
 
 No detectron2 here; imports only ``convert`` (shared file helpers).
 """
-import os
-
-# OpenMP threads that wait passively (before torch loads OpenMP): see transfer/speed.py.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

@@ -21,7 +21,8 @@ import torch.nn as nn
 import torchvision
 
 from convert import safe_load
-from convert.errors import run_cli
+from convert.errors import UserError
+from convert.runtime import add_process_flags, program
 from pretrain import engine, loader
 from pretrain.builder import MoCo
 from pretrain.knn import knn_accuracy
@@ -83,7 +84,7 @@ def get_args_parser():
     p.add_argument("--threads", type=int, default=None,
                    help="on a CPU: intra-op threads of all this machine's processes together, "
                         "shared out among them (default: every core)")
-    return p
+    return add_process_flags(p)
 
 
 def resolve_args(args):
@@ -115,7 +116,8 @@ def resolve_args(args):
 def build_model(args, world_size):
     arch = getattr(torchvision.models, args.arch, None)
     if arch is None or not args.arch.startswith(("resnet", "wide_resnet", "resnext")):
-        raise SystemExit(f"--arch {args.arch}: not a torchvision ResNet")
+        raise UserError(f"--arch {args.arch}: not a torchvision ResNet (resnet18, resnet50, "
+                        "wide_resnet50_2, resnext50_32x4d, ...)")
     groups = args.shuffle_groups if world_size == 1 else 1
     return MoCo(arch, args.moco_dim, args.moco_k, args.moco_m, args.moco_t, args.mlp, groups)
 
@@ -172,7 +174,8 @@ def main(args):
     precision, amp_dtype, use_scaler, channels_last = engine.resolve_precision(args.precision,
                                                                                 device)
     if args.batch_size % world:
-        raise SystemExit(f"batch {args.batch_size} not divisible by {world} processes")
+        raise UserError(f"--batch-size {args.batch_size} (the global batch) does not divide "
+                        f"among {world} processes")
     per_rank_batch = args.batch_size // world
     torch.manual_seed(args.seed + rank)
 
@@ -275,4 +278,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    run_cli(main, get_args_parser().parse_args())
+    program(main, get_args_parser())

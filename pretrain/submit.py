@@ -12,6 +12,8 @@ import argparse
 import os
 import sys
 
+from convert.errors import UserError
+from convert.runtime import program
 from pretrain import main_moco
 
 
@@ -59,10 +61,9 @@ def job_parameters(args):
     return params
 
 
-def main(argv=None):
-    args = get_args_parser().parse_args(argv)
+def main(args):
     if not args.data:
-        raise SystemExit("--data is required on a cluster (the embedded default is for one CPU)")
+        raise UserError("--data is required on a cluster (the embedded default is for one CPU)")
     args = main_moco.resolve_args(args)
     args.workers = min(args.workers, args.cpus_per_task)
     job_dir = args.job_dir or os.path.join(args.output, "slurm")
@@ -82,4 +83,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(program(main, get_args_parser()))

@@ -169,6 +169,7 @@ def test_suite_jobs_runs_n_at_a_time_each_with_its_share_of_the_cores(tmp_path, 
     import sys
 
     from tools import suite
+    from transfer.console import Console
 
     log = tmp_path / "log"
     script = ("import os, sys, time; t0 = time.time(); time.sleep(0.6); "
@@ -184,13 +185,12 @@ def test_suite_jobs_runs_n_at_a_time_each_with_its_share_of_the_cores(tmp_path, 
 
     monkeypatch.setattr(suite.PlannedRun, "command", command)
     monkeypatch.setattr(suite, "cpu_count", lambda: 4)
-    for quiet in ("0", "1"):
-        monkeypatch.setenv("MOCO_TRANSFER_QUIET", quiet)
-        monkeypatch.setenv("MOCO_TRANSFER_VERBOSE", "0")
+    for quiet in (False, True):
         log.write_text("")
         planned = plan(["voc_frcnn_c4_24k"], ["random"], [0, 1, 2, 3, 4], "smoke",
                        str(tmp_path / f"runs{quiet}"))
-        assert suite.run_local(planned, str(tmp_path / "runs"), num_gpus=2, jobs=2) == 1
+        assert suite.run_local(planned, str(tmp_path / "runs"), num_gpus=2, jobs=2,
+                               console=Console(quiet=quiet)) == 1
         rows = [line.split() for line in log.read_text().splitlines()]
         assert sorted(int(r[0]) for r in rows) == [0, 1, 2, 3, 4]  # seed 2 failed, counted
         # 4 cores / 2 jobs = 2 threads per run, for its 2 processes

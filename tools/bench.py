@@ -138,11 +138,7 @@ cfg = setup_cfg("synthetic_mask_fpn_1k", "random", scale="smoke",
                 overrides=["SOLVER.MAX_ITER", str(iters + 5), "OUTPUT_DIR", sys.argv[3],
                            "TEST.PRECISE_BN.ENABLED", "False", "DATALOADER.NUM_WORKERS", "0"])
 torch.manual_seed(0)
-if which == "harness":
-    t = Trainer(cfg)
-    loop = t._trainer
-else:
-    loop = DefaultTrainer(cfg)._trainer
+loop = Trainer(cfg) if which == "harness" else DefaultTrainer(cfg)
 times = []
 with EventStorage(0) as s:
     loop.storage = s
