@@ -178,8 +178,8 @@ def test_suite_jobs_runs_n_at_a_time_each_with_its_share_of_the_cores(tmp_path, 
 
     real = suite.PlannedRun.command  # what train_net would be given
 
-    def command(self, runs_root, num_gpus=1, extra=(), threads=None):
-        argv = real(self, runs_root, num_gpus, extra, threads)
+    def command(self, runs_root, num_gpus=1, extra=(), threads=None, flags=()):
+        argv = real(self, runs_root, num_gpus, extra, threads, flags)
         return [sys.executable, "-c", script, str(self.seed),
                 *argv[argv.index("--num-gpus"):argv.index("--num-gpus") + 4]]
 
