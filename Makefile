@@ -61,7 +61,8 @@ doctor: $(STAMP)
 test: $(STAMP)
 	$(PYTHON) -m pytest -q tests
 
-# Benchmarks (pretraining throughput, harness overhead, converter, results) -> BENCHMARKS.md.
+# Benchmarks (pretraining throughput, split augmentation vs PIL, harness overhead, converter,
+# results) -> BENCHMARKS.md.
 bench: $(STAMP)
 	$(PYTHON) -m tools.bench --out BENCHMARKS.md $(ARGS)
 

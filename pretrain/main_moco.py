@@ -22,8 +22,9 @@ import torchvision
 
 from convert import safe_load
 from convert.errors import UserError
+from convert.machine import cpu_count
 from convert.runtime import add_process_flags, program
-from pretrain import engine, loader
+from pretrain import engine, feed, loader
 from pretrain.builder import MoCo
 from pretrain.knn import knn_accuracy
 from pretrain.synthetic import generate
@@ -62,7 +63,12 @@ def get_args_parser():
     p.add_argument("--image-size", type=int, default=None, help="crop size (default 224)")
     p.add_argument("--shuffle-groups", type=int, default=None,
                    help="one process: BN groups emulating shuffle BN on N GPUs (default 8)")
-    p.add_argument("--workers", type=int, default=None, help="data workers per process")
+    p.add_argument("--workers", type=int, default=None, help="data workers per process "
+                   "(default: with CUDA, the cores of this process but one; else 8)")
+    p.add_argument("--augment-on", choices=feed.PATHS, default="device",
+                   help="device: workers decode, crop and flip; colour jitter, grayscale, blur "
+                        "and normalisation run in batches on the training device; cpu: the PIL "
+                        "pipeline, every op in the workers (the reference)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                    help="auto: bf16 where fast (CPU with AMX/AVX512-BF16, recent GPUs), fp16 "
                         "on older GPUs; fp32 turns mixed precision and channels_last off")
@@ -91,7 +97,7 @@ def resolve_args(args):
     """Fill paper defaults, or the embedded-default schedule when no --data is given."""
     embedded = not args.data
     base = dict(arch="resnet50", epochs=200, batch_size=256, moco_k=65536, moco_m=0.999,
-                lr=None, image_size=224, schedule=[120, 160], shuffle_groups=8, workers=8)
+                lr=None, image_size=224, schedule=[120, 160], shuffle_groups=8)
     if embedded:
         base.update(EMBEDDED_DEFAULTS)
         args.data = os.path.join(generate(os.path.join("datasets", "synthetic")), "unlabeled")
@@ -190,9 +196,10 @@ def main(args):
     scaler = engine.make_scaler(use_scaler, device)
     gen = torch.Generator().manual_seed(args.seed * 31 + rank)  # key-batch shuffles
 
-    transform = loader.TwoCropsTransform(
-        loader.moco_augmentation("v2" if args.aug_plus else "v1", args.image_size))
-    dataset = loader.ImageFiles(args.data, transform, seed=args.seed)
+    dataset, finish = feed.pipeline(args.data, "v2" if args.aug_plus else "v1",
+                                    args.image_size, args.seed, args.augment_on, device)
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))  # processes on this machine
+    data_settings = feed.loader_settings(device, args.workers, cpu_count() // local_world)
     sampler = loader.ResumableSampler(len(dataset), per_rank_batch, args.seed, rank, world)
     bpe = sampler.batches_per_epoch
     total_iters = bpe * args.epochs
@@ -216,7 +223,8 @@ def main(args):
                     start_iter // bpe)
 
     if rank == 0:
-        effective = {**vars(args), "world_size": world, "per_process_batch": per_rank_batch,
+        effective = {**vars(args), **data_settings, "world_size": world,
+                     "per_process_batch": per_rank_batch,
                      "precision": precision, "channels_last": channels_last,
                      "device": str(device), "images": len(dataset), "iters_per_epoch": bpe,
                      "total_iters": total_iters, "git_sha": engine.git_sha()}
@@ -227,23 +235,23 @@ def main(args):
                     "\n".join(f"  {k:>18}: {v}" for k, v in sorted(effective.items())))
         with open(os.path.join(args.output, "config.json"), "w") as f:
             json.dump(effective, f, indent=1, default=str)
+        logger.info(feed.ceiling_line(feed.measure_rate(dataset), data_settings["num_workers"],
+                                      args.augment_on))
 
     criterion = nn.CrossEntropyLoss()
     progress = engine.Progress(args.output, total_iters, start_iter, rank, args.print_freq,
                                bar="MoCo pretraining" if args.quiet else None)
     it = start_iter
     model.train()
+    data = torch.utils.data.DataLoader(dataset, batch_size=per_rank_batch, sampler=sampler,
+                                       drop_last=True, **data_settings)
     while it < total_iters:
         epoch, start_batch = divmod(it, bpe)
         lr = engine.adjust_learning_rate(optimizer, args.lr, epoch, args.epochs, args.cos,
                                          args.schedule)
-        dataset.set_epoch(epoch)
-        sampler.set_epoch(epoch, start_batch)
-        data = torch.utils.data.DataLoader(
-            dataset, batch_size=per_rank_batch, sampler=sampler, num_workers=args.workers,
-            pin_memory=device.type == "cuda", drop_last=True,
-            persistent_workers=False)
-        for (im_q, im_k), _ in data:
+        sampler.set_epoch(epoch, start_batch)  # the epoch travels with each index to the workers
+        for views, _ in data:
+            im_q, im_k = (finish(v) for v in views)  # float32, before the model's autocast
             loss, logits, labels = train_step(model, criterion, optimizer, scaler, im_q, im_k,
                                               device, amp_dtype, channels_last, gen)
             acc1, acc5 = engine.accuracy(logits, labels, topk=(1, 5))

@@ -65,7 +65,9 @@ def main(args):
     if not args.data:
         raise UserError("--data is required on a cluster (the embedded default is for one CPU)")
     args = main_moco.resolve_args(args)
-    args.workers = min(args.workers, args.cpus_per_task)
+    # one process per GPU, each with its own cpus_per_task cores: a worker on all but one
+    args.workers = (max(1, args.cpus_per_task - 1) if args.workers is None
+                    else min(args.workers, args.cpus_per_task))
     job_dir = args.job_dir or os.path.join(args.output, "slurm")
     params = job_parameters(args)
     world = args.nodes * args.gpus_per_node

@@ -4,7 +4,8 @@ evaluation timings.
 Results are appended to one Markdown file (default BENCHMARKS.md) under a heading naming the
 machine (CPU model, cores, GPU, torch version), so figures from different machines never mix.
 
-    python -m tools.bench [--out BENCHMARKS.md] [--only pretrain,data,harness,convert,results]
+    python -m tools.bench [--out BENCHMARKS.md]
+        [--only pretrain,data,augment,harness,convert,results]
     python -m tools.bench --only coco_eval [--eval-images 2000]   # COCO evaluation speed
 (coco_eval: 2000 images by default, as pycocotools needs about 7 minutes for COCO val's 5000 on
 a 2-core machine; `--eval-images 5000` for the full size.)
@@ -32,6 +33,7 @@ from pretrain.synthetic import generate
 from results.__main__ import main as results_main
 from transfer.datasets import dataset_root
 from transfer.fast_eval import FasterCOCOeval
+from tools import bench_augment
 from tools.benchmarking import machine, publish
 
 
@@ -197,7 +199,7 @@ def bench_results(lines, seeds=5):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="BENCHMARKS.md")
-    p.add_argument("--only", default="pretrain,data,harness,convert,results,coco_eval")
+    p.add_argument("--only", default="pretrain,data,augment,harness,convert,results,coco_eval")
     p.add_argument("--steps", type=int, default=6, help="timed MoCo steps per variant")
     p.add_argument("--harness-iters", type=int, default=20)
     p.add_argument("--eval-images", type=int, default=2000,
@@ -212,6 +214,8 @@ def main(argv=None):
         bench_pretrain(lines, args.steps)
     if "data" in which:
         bench_data(lines)
+    if "augment" in which:  # the split augmentation against the PIL path (tools/bench_augment)
+        bench_augment.bench_speed(lines, torch.device("cpu"), images=200)
     if "harness" in which:
         bench_harness(lines, args.harness_iters)
     if "convert" in which:
