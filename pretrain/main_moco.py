@@ -22,6 +22,7 @@ import torchvision
 
 from convert import safe_load
 from convert.errors import UserError
+from convert.files import write_json_atomic
 from convert.machine import cpu_count
 from convert.runtime import add_process_flags, program
 from pretrain import engine, feed, loader
@@ -233,8 +234,8 @@ def main(args):
                         "small schedule (a demonstration, not the paper's recipe)")
         logger.info("MoCo %s pretraining, resolved settings:\n%s", args.version,
                     "\n".join(f"  {k:>18}: {v}" for k, v in sorted(effective.items())))
-        with open(os.path.join(args.output, "config.json"), "w") as f:
-            json.dump(effective, f, indent=1, default=str)
+        write_json_atomic(effective, os.path.join(args.output, "config.json"), indent=1,
+                          default=str)
         logger.info(feed.ceiling_line(feed.measure_rate(dataset), data_settings["num_workers"],
                                       args.augment_on))
 
