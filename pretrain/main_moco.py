@@ -34,9 +34,11 @@ logger = logging.getLogger("pretrain")
 
 # The embedded default: a demonstration that learns something in ~2 minutes on 2 CPU cores
 # (48 px crops of the 64 px object-centric images, a short queue that fills in 8 iterations, a
-# faster key encoder, a larger lr), not the paper.
+# faster key encoder, a larger lr), not the paper. fp32 on every machine: 'auto' would pick
+# bf16 on CPUs that have it, and the demo's verdict must not depend on the CPU it lands on.
 EMBEDDED_DEFAULTS = dict(arch="resnet18", epochs=12, batch_size=64, moco_k=512, moco_m=0.99,
-                         lr=0.06, image_size=48, schedule=[8, 10], shuffle_groups=4, workers=1)
+                         lr=0.06, image_size=48, schedule=[8, 10], shuffle_groups=4, workers=1,
+                         precision="fp32")
 # `make demo`'s supervised baseline: epochs over the 256 labelled crops (tools/demo.py)
 EMBEDDED_SUPERVISED_EPOCHS = 15
 
@@ -70,9 +72,10 @@ def get_args_parser():
                    help="device: workers decode, crop and flip; colour jitter, grayscale, blur "
                         "and normalisation run in batches on the training device; cpu: the PIL "
                         "pipeline, every op in the workers (the reference)")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default=None,
                    help="auto: bf16 where fast (CPU with AMX/AVX512-BF16, recent GPUs), fp16 "
-                        "on older GPUs; fp32 turns mixed precision and channels_last off")
+                        "on older GPUs; fp32 turns mixed precision and channels_last off (default: "
+                        "auto; fp32 on the embedded data, so the demo computes alike on every CPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", default="", help="checkpoint to resume from (default: the run "
                    "directory's checkpoint_last.pth.tar, if any)")
@@ -98,7 +101,7 @@ def resolve_args(args):
     """Fill paper defaults, or the embedded-default schedule when no --data is given."""
     embedded = not args.data
     base = dict(arch="resnet50", epochs=200, batch_size=256, moco_k=65536, moco_m=0.999,
-                lr=None, image_size=224, schedule=[120, 160], shuffle_groups=8)
+                lr=None, image_size=224, schedule=[120, 160], shuffle_groups=8, precision="auto")
     if embedded:
         base.update(EMBEDDED_DEFAULTS)
         args.data = os.path.join(generate(os.path.join("datasets", "synthetic")), "unlabeled")

@@ -35,7 +35,8 @@ def get_args_parser():
     p.add_argument("--cos", type=int, default=1)
     p.add_argument("--image-size", type=int, default=None, help="default 224")
     p.add_argument("--workers", type=int, default=4)
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16", "fp16"],
+                   help="default auto (bf16 where the device has it); fp32 on the embedded data")
     p.add_argument("--print-freq", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(safe_load.TRUST_FLAG, action="store_true", help=safe_load.TRUST_HELP)
@@ -44,11 +45,11 @@ def get_args_parser():
 
 def main(args):
     embedded = not args.data
-    base = dict(arch="resnet50", epochs=200, batch_size=256, image_size=224)
+    base = dict(arch="resnet50", epochs=200, batch_size=256, image_size=224, precision="auto")
     if embedded:
         args.data = os.path.join(generate(os.path.join("datasets", "synthetic")), "labeled")
         base.update({k: EMBEDDED_DEFAULTS[k] for k in ("arch", "epochs", "batch_size",
-                                                       "image_size")})
+                                                       "image_size", "precision")})
         args.workers = min(args.workers, EMBEDDED_DEFAULTS["workers"])
     for k, v in base.items():
         if getattr(args, k) is None:

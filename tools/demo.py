@@ -143,7 +143,8 @@ def run(args):
         ["--data", os.path.join(root, "labeled"), "--output",
          os.path.join(out, "pretrain", "supervised"), "--epochs",
          str(SMALL["sup_epochs"] if args.small else main_moco.EMBEDDED_SUPERVISED_EPOCHS),
-         *as_argv({k: recipe[k] for k in ("arch", "batch_size", "image_size", "workers")})]
+         *as_argv({k: recipe[k]
+                   for k in ("arch", "batch_size", "image_size", "workers", "precision")})]
         + ["--quiet"] * quiet)
     say(f"3/6 supervised baseline on the labelled crops ({sup_args.epochs} epochs)")
     sup_ckpt = os.path.join(sup_args.output, "checkpoint_last.pth.tar")
