@@ -9,6 +9,7 @@ results tables (mean +- std, deltas, Welch p-values) + report.
 
     python -m tools.demo [--out demo_out] [--seeds 3] [--iters N] [--epochs N] [--small] [-v]
     python -m tools.demo --control-random-moco   # the control: MoCo weights replaced by random
+    python -m tools.demo --mechanisms "moco end_to_end memory_bank mochi"  # demo_mechanisms.py
 
 The console shows one progress bar per stage; every log goes to files under --out (`-v` or
 MOCO_TRANSFER_VERBOSE=1 prints them instead). Whatever the numbers are, the table reports them
@@ -40,6 +41,7 @@ from convert.to_detectron2 import main as convert_main
 from results.__main__ import main as results_main
 from results.collect import collect
 from results.tables import welch_p
+from tools.demo_mechanisms import convert_all, parse_mechanisms, pretrain_mechanisms
 from tools.suite import main as suite_main
 
 DEMO_TASK = "synthetic_frcnn_fpn_1k"
@@ -94,8 +96,11 @@ def main(argv=None):
     p.add_argument("--small", action="store_true", help="a much smaller run (CI)")
     p.add_argument("--control-random-moco", action="store_true",
                    help="replace the converted MoCo weights by random init in the same format")
+    p.add_argument("--mechanisms", default="moco",
+                   help="also pretrain and compare these (end_to_end memory_bank mochi)")
     p.add_argument("-v", "--verbose", action="store_true", help="full logs on the terminal")
     args = p.parse_args(argv)
+    mechanisms = parse_mechanisms(args.mechanisms)
     if args.verbose:
         os.environ["MOCO_TRANSFER_VERBOSE"] = "1"
     os.environ.setdefault("MOCO_TRANSFER_QUIET", "1")
@@ -127,6 +132,8 @@ def main(argv=None):
         f"{moco_args.epochs} epochs (log: {moco_args.output}/log.txt)")
     moco_args.quiet = quiet
     moco_ckpt = main_moco.main(moco_args)
+    other_ckpts = ({} if args.control_random_moco
+                   else pretrain_mechanisms(mechanisms, moco_args, say))
 
     sup_args = main_supervised.get_args_parser().parse_args([])
     sup_args.data = os.path.join(root, "labeled")
@@ -160,6 +167,8 @@ def main(argv=None):
         say("4/6 converting both checkpoints to detectron2's format")
     for src, dst in ((moco_src, moco_pkl), (sup_ckpt, sup_pkl)):
         convert(src, dst, os.path.join(logs, "convert.txt"))
+    other_weights = convert_all(other_ckpts, weights_dir, lambda src, dst: convert(
+        src, dst, os.path.join(logs, "convert.txt")))
 
     iters = SMALL["iters"] if args.small else (args.iters or FINETUNE["iters"])
     # on a CPU, two runs side by side with half the cores each (BENCHMARKS.md)
@@ -170,7 +179,8 @@ def main(argv=None):
 
     rc = suite_main(["--tasks", DEMO_TASK, "--jobs", str(jobs),
                      # MoCo and random first: the comparison the demo is about
-                     "--weights", f"moco={moco_pkl} random supervised={sup_pkl}",
+                     "--weights", " ".join([f"moco={moco_pkl}", *other_weights,
+                                            f"random supervised={sup_pkl}"]),
                      "--seeds", str(args.seeds), "--scale", "smoke", "--runs", runs,
                      "SOLVER.MAX_ITER", str(iters),
                      "SOLVER.IMS_PER_BATCH", str(FINETUNE["batch"]),
