@@ -72,15 +72,18 @@ def split_bn_norm_layer(num_splits):
     return norm
 
 
-def make_encoder(base_encoder, dim, mlp, num_splits=1):
-    """A ResNet with a `dim`-d output: fc, or a 2-layer MLP head (v2); BatchNorm computed on
-    `num_splits` groups of the batch (the processes one process stands for)."""
+def make_encoder(base_encoder, dim, num_splits=1):
+    """A ResNet with a `dim`-d fc output, its BatchNorm computed on `num_splits` groups of the
+    batch (the processes one process stands for)."""
     norm = split_bn_norm_layer(num_splits) if num_splits > 1 else nn.BatchNorm2d
-    enc = base_encoder(num_classes=dim, norm_layer=norm)
-    if mlp:
-        hidden = enc.fc.weight.shape[1]
-        enc.fc = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), enc.fc)
-    return enc
+    return base_encoder(num_classes=dim, norm_layer=norm)
+
+
+def add_mlp_head(encoder):
+    """v2: the fc becomes a 2-layer MLP head (hidden-hidden-ReLU-fc)."""
+    hidden = encoder.fc.weight.shape[1]
+    encoder.fc = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), encoder.fc)
+    return encoder
 
 
 class MoCo(nn.Module):
@@ -99,8 +102,11 @@ class MoCo(nn.Module):
         super().__init__()
         self.K, self.m, self.T = K, m, T
         self.num_splits = num_splits
-        self.encoder_q = make_encoder(base_encoder, dim, mlp, num_splits)
-        self.encoder_k = make_encoder(base_encoder, dim, mlp, num_splits)
+        self.encoder_q = make_encoder(base_encoder, dim, num_splits)
+        self.encoder_k = make_encoder(base_encoder, dim, num_splits)
+        if mlp:  # after both encoders: the reference's order of random draws
+            add_mlp_head(self.encoder_q)
+            add_mlp_head(self.encoder_k)
         for p_q, p_k in zip(self.encoder_q.parameters(), self.encoder_k.parameters()):
             p_k.data.copy_(p_q.data)
             p_k.requires_grad = False

@@ -14,8 +14,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pretrain.builder import (batch_shuffle_ddp, is_distributed, make_encoder, process_layout,
-                              shuffled_feed)
+from pretrain.builder import (add_mlp_head, batch_shuffle_ddp, is_distributed, make_encoder,
+                              process_layout, shuffled_feed)
 
 
 class _GatherWithGrad(torch.autograd.Function):
@@ -54,7 +54,9 @@ class EndToEnd(nn.Module):
     def __init__(self, base_encoder, dim=128, T=0.07, mlp=False, num_splits=1):
         super().__init__()
         self.T, self.num_splits = T, num_splits
-        self.encoder_q = make_encoder(base_encoder, dim, mlp, num_splits)
+        self.encoder_q = make_encoder(base_encoder, dim, num_splits)
+        if mlp:
+            add_mlp_head(self.encoder_q)
 
     def compute_keys(self, im_k, generator=None):
         """Every key of the global batch, with gradients: in the order of the global batch on

@@ -25,9 +25,9 @@ import torchvision
 from convert import safe_load
 from convert.errors import run_cli
 from pretrain import engine, loader, mechanisms
-from pretrain.mochi import DEFAULT_WARMUP_EPOCHS, parse_setting
-from pretrain.memory_bank import BANK_MOMENTUM
 from pretrain.knn import knn_accuracy
+from pretrain.memory_bank import BANK_MOMENTUM
+from pretrain.mochi import DEFAULT_WARMUP_EPOCHS, parse_setting
 from pretrain.synthetic import generate
 
 logger = logging.getLogger("pretrain")

@@ -8,6 +8,7 @@ resume and process layouts; only the dictionary differs (PROTOCOL.md section 7):
 - end_to_end: the keys of the current batch through the query encoder, with gradients;
 - memory_bank: one entry per dataset image, K negatives drawn from it per query.
 """
+import textwrap
 from dataclasses import dataclass
 from typing import Callable
 
@@ -112,8 +113,7 @@ def wrap_ddp(model, device_ids):
 def help_text():
     """The mechanisms and MoCHi, with their sources, for --help."""
     lines = ["mechanisms (--mechanism):"]
-    for m in MECHANISMS.values():
-        lines.append(f"  {m.name}: {m.summary}. Source: {m.source}.")
+    lines += [f"  {m.name}: {m.summary}. Source: {m.source}." for m in MECHANISMS.values()]
     lines += [
         "MoCHi (--mochi N,S,S_PRIME, on --mechanism moco --version v2; Kalantidis et al., "
         "NeurIPS 2020, PROTOCOL.md section 7): per query, the N hardest queue negatives give S "
@@ -129,4 +129,4 @@ def help_text():
         "memory_bank, chosen here: initial entries unit-norm Gaussian; negatives uniform with "
         "replacement over the other N - 1 entries; the key crop is not used.",
     ]
-    return "\n".join(lines)
+    return "\n".join(textwrap.fill(line, 95, subsequent_indent="    ") for line in lines)

@@ -24,7 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pretrain.builder import concat_all_gather, local_rows, make_encoder, process_layout
+from pretrain.builder import (add_mlp_head, concat_all_gather, local_rows, make_encoder,
+                              process_layout)
 
 BANK_MOMENTUM = 0.5  # Wu et al.'s code (the MoCo paper gives no value)
 
@@ -52,7 +53,9 @@ class MemoryBank(nn.Module):
         if num_images < 2:
             raise ValueError(f"a memory bank needs at least 2 images, got {num_images}")
         self.K, self.T, self.m = K, T, m
-        self.encoder_q = make_encoder(base_encoder, dim, mlp, num_splits)
+        self.encoder_q = make_encoder(base_encoder, dim, num_splits)
+        if mlp:
+            add_mlp_head(self.encoder_q)
         init = torch.randn(num_images, dim, generator=torch.Generator().manual_seed(seed))
         self.register_buffer("memory_bank", F.normalize(init, dim=1))
         self.pending = None  # (queries, indices) of the step whose update is due

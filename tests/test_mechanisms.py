@@ -231,7 +231,7 @@ def test_mochi_setting_and_mechanism_flags_fail_in_one_line():
         args = main_moco.get_args_parser().parse_args(["--data", "x", *argv])
         with pytest.raises(SystemExit, match="MoCo v2"):
             main_moco.resolve_args(args)
-    text = main_moco.get_args_parser().format_help()
+    text = " ".join(main_moco.get_args_parser().format_help().split())  # wrapped lines joined
     for needed in ("end_to_end", "memory_bank", "Kalantidis", "Wu et al.", "Figure 2a",
                    "not printed in the seeds", "printed nowhere", "not sharded"):
         assert needed.lower() in text.lower(), needed
