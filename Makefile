@@ -20,7 +20,7 @@ BATCH_SIZE ?=
 ARGS       ?=
 # V=1: full logs on the terminal (make demo/transfer/suite show one progress bar per stage)
 V          ?=
-export MOCO_TRANSFER_VERBOSE := $(V)
+VERBOSE_FLAG = $(if $(V),--verbose)
 # conversion
 CKPT ?=
 # TRUST=1: load a checkpoint that holds more than data (--trust-checkpoint; it can run code)
@@ -64,7 +64,8 @@ doctor: $(STAMP)
 test: $(STAMP)
 	$(PYTHON) -m pytest -q tests
 
-# Benchmarks (pretraining throughput, harness overhead, converter, results) -> BENCHMARKS.md.
+# Benchmarks (pretraining throughput, split augmentation vs PIL, harness overhead, converter,
+# results) -> BENCHMARKS.md.
 bench: $(STAMP)
 	$(PYTHON) -m tools.bench --out BENCHMARKS.md $(ARGS)
 
@@ -98,7 +99,7 @@ convert: $(STAMP)
 transfer: $(STAMP)
 	$(PYTHON) -m transfer.train_net --task $(TASK) --weights $(WEIGHTS) --seed $(SEED) \
 	  --scale $(SCALE) --num-gpus $(NUM_GPUS) $(if $(OUTPUT),--output $(OUTPUT)) \
-	  $(if $(DRY_RUN),--dry-run) $(TRUST_FLAG) $(ARGS)
+	  $(if $(DRY_RUN),--dry-run) $(TRUST_FLAG) $(VERBOSE_FLAG) $(ARGS)
 
 # Usage: make densepose-fixture, then
 #   DETECTRON2_DATASETS=datasets_densepose make transfer TASK=coco_densepose_fpn_s1x SCALE=smoke
@@ -113,7 +114,7 @@ tasks: $(STAMP)
 # Plan and run every TASKS x WEIGHTS x SEEDS run (skips complete ones, resumes the rest).
 suite: $(STAMP)
 	$(PYTHON) -m tools.suite --tasks "$(TASKS)" --weights "$(WEIGHTS)" --seeds $(SEEDS) --jobs $(JOBS) \
-	  --scale $(SCALE) --runs $(RUNS) $(if $(DRY_RUN),--dry-run) $(ARGS)
+	  --scale $(SCALE) --runs $(RUNS) $(if $(DRY_RUN),--dry-run) $(VERBOSE_FLAG) $(ARGS)
 
 # Collate the runs under RUNS into the paper's tables and an HTML report under OUT.
 results: $(STAMP)
@@ -122,7 +123,7 @@ results: $(STAMP)
 # The whole pipeline on generated data, on a CPU, in minutes (CONTROL=1: MoCo weights -> random;
 # MECHANISMS="moco end_to_end memory_bank mochi": the other mechanisms and MoCHi beside MoCo).
 demo: $(STAMP)
-	$(PYTHON) -m tools.demo $(if $(CONTROL),--control-random-moco) \
+	$(PYTHON) -m tools.demo $(if $(CONTROL),--control-random-moco) $(VERBOSE_FLAG) \
 	  $(if $(MECHANISMS),--mechanisms "$(MECHANISMS)") $(ARGS)
 
 # 1 process against N gloo processes on this CPU, and the communication, side by side -> BENCHMARKS.md.

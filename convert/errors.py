@@ -5,8 +5,6 @@ every other exception is a bug and keeps its traceback. It lives here, at the bo
 pipeline, so that an error raised by a shared piece (a refused checkpoint, ``safe_load.py``) is
 a user error for every stage that calls it.
 """
-import sys
-
 
 class UserError(Exception):
     """An error in what the user asked for (task, weights, checkpoint, dataset), not a bug."""
@@ -21,10 +19,3 @@ class UserError(Exception):
             msg = last.split(": ", 1)[1] if ": " in last else last
         return msg
 
-
-def run_cli(main, args):
-    """``main(args)``; a UserError exits with ``error: <message>`` on stderr (status 1)."""
-    try:
-        return main(args)
-    except UserError as e:
-        sys.exit(f"error: {e}")

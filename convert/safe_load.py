@@ -19,6 +19,7 @@ unpickled, after a warning that names it and its sha256.
 """
 import argparse
 import logging
+import os
 import pickle
 import re
 
@@ -134,6 +135,39 @@ def load(path, trust=False):
     if path.endswith(".safetensors"):
         return load_safetensors(path)
     return load_torch(path, trust)
+
+
+# ---------------------------------------------------------------- resume
+def newest_readable(paths, load, log, where, otherwise):
+    """(path, content) of the first of `paths` (preferred first) that `load` reads, or
+    (None, None): how every stage resumes.
+
+    Writes are atomic, so a file that does not load is damage after the write (a copy cut
+    short, a full disk, a bad sector): it is skipped, and `log` says in one line what was
+    skipped and what is used instead (`where`: the folder; `otherwise`: what happens when
+    nothing loads). A file that holds more than data is not damage: it is refused."""
+    skipped = []
+    for path in paths:
+        name = os.path.basename(path)
+        if not os.path.isfile(path):
+            skipped.append(f"{name} (missing)")
+            continue
+        try:
+            content = load(path)
+        except UntrustedCheckpoint:
+            raise
+        except Exception as e:  # any way a file fails to load: skip it, say why
+            skipped.append(f"{name} ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0] if str(e) else ''})")
+            continue
+        if skipped:
+            log.warning("unreadable checkpoint(s) %s; resuming from %s instead",
+                        "; ".join(skipped), name)
+        return path, content
+    if skipped:
+        log.warning("no readable checkpoint in %s (%s); %s", where, "; ".join(skipped),
+                    otherwise)
+    return None, None
 
 
 # ---------------------------------------------------------------- --trust-checkpoint

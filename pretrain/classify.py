@@ -5,7 +5,6 @@ import os
 import torch
 import torch.nn as nn
 
-from convert import safe_load
 from pretrain import engine, loader
 
 logger = logging.getLogger("pretrain")
@@ -64,9 +63,8 @@ def train_classifier(model, train_set, val_set, args, device, params, train_mode
     scaler = engine.make_scaler(needs_scaler, device)
     optimizer = torch.optim.SGD(params, args.lr, momentum=0.9, weight_decay=args.wd)
     start_epoch = 0
-    last = engine.latest_checkpoint(args.output)
+    last, ck = engine.load_latest_readable(args.output, args.trust_checkpoint)
     if last:
-        ck = safe_load.load_torch(last, args.trust_checkpoint)
         model.load_state_dict({k[len("module."):]: v for k, v in ck["state_dict"].items()})
         optimizer.load_state_dict(ck["optimizer"])
         if scaler is not None and ck.get("scaler"):

@@ -5,14 +5,13 @@ import logging
 import os
 import re
 import subprocess
-import sys
 import time
 
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
 from convert import safe_load
+from convert import logs
 from convert.files import atomic_open
 from convert.machine import cpu_count, cpu_has_fast_bf16
 
@@ -52,22 +51,10 @@ def mean_over_processes(values):
 
 
 def setup_logging(output_dir, rank, to_console=True):
-    """The log goes to <output_dir>/log.txt and, unless `to_console` is False (--quiet: a
-    progress bar instead, see Progress), to stdout."""
-    fmt = logging.Formatter("[%(asctime)s %(name)s] %(message)s", "%m/%d %H:%M:%S")
-    root = logging.getLogger()
-    root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
-    for h in list(root.handlers):
-        root.removeHandler(h)
-    if to_console:
-        h = logging.StreamHandler(sys.stdout)
-        h.setFormatter(fmt)
-        root.addHandler(h)
-    if rank == 0 and output_dir:
-        os.makedirs(output_dir, exist_ok=True)
-        fh = logging.FileHandler(os.path.join(output_dir, "log.txt"))
-        fh.setFormatter(fmt)
-        root.addHandler(fh)
+    """The log goes to <output_dir>/log.txt (rank 0) and, unless `to_console` is False (--quiet:
+    a progress bar instead, see Progress), to stdout; other ranks log warnings only."""
+    logs.setup_logging(os.path.join(output_dir, "log.txt") if rank == 0 and output_dir else None,
+                       to_console, logging.INFO if rank == 0 else logging.WARNING)
 
 
 def git_sha():
@@ -124,42 +111,16 @@ def save_atomic(obj, path):
         torch.save(obj, f)
 
 
-def latest_checkpoint(output_dir):
-    path = os.path.join(output_dir, "checkpoint_last.pth.tar")
-    return path if os.path.isfile(path) else None
-
-
 def load_latest_readable(output_dir, trust=False):
-    """(path, checkpoint) of the newest checkpoint of a run folder that loads, or (None, None).
-
+    """(path, checkpoint) of the newest checkpoint of a run folder that loads, or (None, None):
     checkpoint_last.pth.tar first, then the epoch checkpoints checkpoint_XXXX.pth.tar, newest
-    first. Writes are atomic, so an unreadable file means damage after the write (a copy cut
-    short, a full disk, a bad sector): it is skipped with one log line. A file that holds more
-    than data is not damage: it is refused (convert/safe_load.py), unless `trust`."""
-    names = ["checkpoint_last.pth.tar"] + sorted(
-        (f for f in (os.listdir(output_dir) if os.path.isdir(output_dir) else [])
-         if re.fullmatch(r"checkpoint_\d+\.pth\.tar", f)), reverse=True)
-    skipped = []
-    for name in names:
-        path = os.path.join(output_dir, name)
-        if not os.path.isfile(path):
-            continue
-        try:
-            ckpt = safe_load.load_torch(path, trust)
-        except safe_load.UntrustedCheckpoint:
-            raise
-        except Exception as e:  # any way a file fails to load: skip it, say why
-            reason = str(e).splitlines()[0] if str(e) else ""
-            skipped.append(f"{name} ({type(e).__name__}: {reason})")
-            continue
-        if skipped:
-            logger.warning("unreadable checkpoint(s) %s; resuming from %s instead",
-                           "; ".join(skipped), name)
-        return path, ckpt
-    if skipped:
-        logger.warning("no readable checkpoint in %s (%s); starting from scratch", output_dir,
-                       "; ".join(skipped))
-    return None, None
+    first (convert/safe_load.py's ``newest_readable``; `trust`: --trust-checkpoint)."""
+    files = os.listdir(output_dir) if os.path.isdir(output_dir) else []
+    names = [n for n in ["checkpoint_last.pth.tar"] if n in files] + sorted(
+        (f for f in files if re.fullmatch(r"checkpoint_\d+\.pth\.tar", f)), reverse=True)
+    return safe_load.newest_readable(
+        [os.path.join(output_dir, n) for n in names],
+        lambda p: safe_load.load_torch(p, trust), logger, output_dir, "starting from scratch")
 
 
 def rng_state():
@@ -184,8 +145,7 @@ class Progress:
         self.rank = rank
         self.bar = None
         if bar and rank == 0:
-            self.bar = tqdm(total=total_iters, initial=start_iter, desc=bar, unit="it",
-                            dynamic_ncols=True, file=sys.stderr, mininterval=0.5)
+            self.bar = logs.progress_bar(total_iters, bar, start_iter)
         self.t0 = self.t_last = time.time()
         self.images = 0
         self.json = None

@@ -6,9 +6,12 @@ from pretrain import loader
 
 
 @torch.no_grad()
-def extract_features(encoder, folder, device, image_size=224, batch_size=64, workers=2):
-    """L2-normalised pooled features (fc skipped) and labels of every image in `folder`."""
-    dataset = loader.ImageFiles(folder, loader.eval_transform(image_size))
+def extract_features(encoder, folder, device, image_size=224, batch_size=64, workers=2,
+                     transform=None, seed=None):
+    """L2-normalised pooled features (fc skipped) and labels of every image in `folder`, seen
+    through `transform` (default: the evaluation resize and centre crop; a random one draws
+    from `seed`, epoch 0 and the image index)."""
+    dataset = loader.ImageFiles(folder, transform or loader.eval_transform(image_size), seed)
     data = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
     was_training = encoder.training
     encoder.eval()

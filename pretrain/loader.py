@@ -1,10 +1,13 @@
 """Images in, augmented views out: folders, MoCo v1/v2 augmentations, a resumable sampler."""
+import contextlib
 import logging
 import os
 
 import torch
 import torchvision.transforms as T
 from PIL import Image, ImageFilter
+
+from pretrain.recipe import recipe
 
 logger = logging.getLogger(__name__)
 
@@ -26,21 +29,19 @@ class GaussianBlur:
 
 
 def moco_augmentation(version, size=224):
-    normalize = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
-    if version == "v2":  # "aug+"
-        ops = [
-            T.RandomResizedCrop(size, scale=(0.2, 1.0)),
-            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-            T.RandomGrayscale(p=0.2),
-            T.RandomApply([GaussianBlur((0.1, 2.0))], p=0.5),
-        ]
-    else:
-        ops = [
-            T.RandomResizedCrop(size, scale=(0.2, 1.0)),
-            T.RandomGrayscale(p=0.2),
-            T.ColorJitter(0.4, 0.4, 0.4, 0.4),
-        ]
-    return T.Compose(ops + [T.RandomHorizontalFlip(), T.ToTensor(), normalize])
+    """The PIL pipeline of the paper's recipe (pretrain/recipe.py): every op on the CPU, one
+    image at a time (`--augment-on cpu`)."""
+    r = recipe(version)
+    crop = T.RandomResizedCrop(size, scale=r.scale, ratio=r.ratio)
+    jitter = T.ColorJitter(*r.jitter)
+    if r.jitter_p < 1.0:
+        jitter = T.RandomApply([jitter], p=r.jitter_p)
+    gray = T.RandomGrayscale(p=r.gray_p)
+    ops = [crop] + ([gray, jitter] if r.gray_first else [jitter, gray])
+    if r.blur_p > 0:
+        ops.append(T.RandomApply([GaussianBlur(r.blur_sigma)], p=r.blur_p))
+    return T.Compose(ops + [T.RandomHorizontalFlip(r.flip_p), T.ToTensor(),
+                            T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
 def supervised_augmentation(size=224):
@@ -93,18 +94,41 @@ def list_images(root):
     return paths, labels, classes
 
 
+def decode_rgb(f):
+    """The whole image, decoded and converted to RGB (grayscale, CMYK, palette, ...)."""
+    return Image.open(f).convert("RGB")
+
+
+@contextlib.contextmanager
+def random_stream(seed, epoch, index):
+    """The global torch RNG seeded by (seed, epoch, index) inside, the caller's state restored
+    after: what every augmentation of one sample draws from."""
+    state = torch.get_rng_state()
+    # the CPU generator only: torch.manual_seed would also queue a seeding of every lazy
+    # accelerator generator (each with a captured stack trace), a sixth of the split path's time
+    torch.default_generator.manual_seed((seed * 1_000_003 + epoch) * 10_000_019 + index)
+    try:
+        yield
+    finally:
+        torch.set_rng_state(state)
+
+
 class ImageFiles(torch.utils.data.Dataset):
-    """Images from a folder, converted to RGB (grayscale, CMYK, palette, ...).
+    """Images from a folder: `transform(decode(file))` per sample.
 
     Unreadable files are reported once with their path and replaced by the next readable image.
     With `seed`, the random augmentation of sample i in epoch e is a function of (seed, e, i):
-    identical whatever the worker count and across a kill and resume.
+    identical whatever the worker count and across a kill and resume. The epoch is the last
+    `set_epoch`, or travels with the index: `dataset[(epoch, i)]` (what `ResumableSampler`
+    yields, so that persistent workers, which keep their copy of the dataset, see it).
+    `decode` (default `decode_rgb`) turns the open file into what `transform` takes; it may
+    draw random numbers (the split path draws the crops first, to decode at reduced scale).
     """
 
-    def __init__(self, root, transform, seed=None):
+    def __init__(self, root, transform, seed=None, decode=decode_rgb):
         self.root = root
         self.paths, self.labels, self.classes = list_images(root)
-        self.transform = transform
+        self.transform, self.decode = transform, decode
         self.seed = seed
         self.epoch = 0
         self._bad = set()
@@ -122,8 +146,7 @@ class ImageFiles(torch.utils.data.Dataset):
                 continue
             try:
                 with open(self.paths[i], "rb") as f:
-                    img = Image.open(f)
-                    return i, img.convert("RGB")
+                    return i, self.decode(f)
             except Exception as e:  # truncated, not an image, permission, ...
                 self._bad.add(self.paths[i])
                 logger.warning("skipping unreadable image %s (%s: %s)", self.paths[i],
@@ -131,20 +154,16 @@ class ImageFiles(torch.utils.data.Dataset):
         raise RuntimeError(f"no readable image in {self.root}")
 
     def __getitem__(self, index):
-        i, img = self.load(index)
-        if self.seed is None:
+        epoch, index = index if isinstance(index, tuple) else (self.epoch, index)
+        with (random_stream(self.seed, epoch, index) if self.seed is not None
+              else contextlib.nullcontext()):
+            i, img = self.load(index)
             return self.transform(img), self.labels[i]
-        state = torch.get_rng_state()
-        torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index)
-        try:
-            out = self.transform(img)
-        finally:
-            torch.set_rng_state(state)
-        return out, self.labels[i]
 
 
 class ResumableSampler(torch.utils.data.Sampler):
     """Per-epoch permutation from (seed, epoch), sharded over ranks, that can start mid-epoch.
+    Yields (epoch, dataset index) pairs (ImageFiles seeds each sample's augmentation by both).
 
     Each rank gets len(dataset) // (world_size * batch) full batches (drop_last semantics).
     """
@@ -166,7 +185,7 @@ class ResumableSampler(torch.utils.data.Sampler):
         perm = torch.randperm(self.n, generator=g)
         per_rank = self.batches_per_epoch * self.batch_size
         mine = perm[: per_rank * self.world_size].view(-1, self.world_size)[:, self.rank]
-        return iter(mine[self.start_batch * self.batch_size:].tolist())
+        return iter((self.epoch, i) for i in mine[self.start_batch * self.batch_size:].tolist())
 
     def __len__(self):
         return (self.batches_per_epoch - self.start_batch) * self.batch_size

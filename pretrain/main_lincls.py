@@ -13,7 +13,8 @@ import torch.nn as nn
 import torchvision
 
 from convert import safe_load
-from convert.errors import run_cli
+from convert.errors import UserError
+from convert.runtime import add_process_flags, program
 from pretrain import classify
 
 
@@ -38,7 +39,7 @@ def get_args_parser():
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--print-freq", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
-    return p
+    return add_process_flags(p)
 
 
 def load_query_encoder(path, arch=None, num_classes=1000, trust=False):
@@ -50,10 +51,10 @@ def load_query_encoder(path, arch=None, num_classes=1000, trust=False):
     state = {k[len(prefix):]: v for k, v in ck["state_dict"].items()
              if k.startswith(prefix) and not k.startswith(prefix + "fc.")}
     if not state:
-        raise SystemExit(f"{path}: no '{prefix}*' keys: not a MoCo checkpoint")
+        raise UserError(f"{path}: no '{prefix}*' keys: not a MoCo checkpoint")
     missing = model.load_state_dict(state, strict=False).missing_keys
     if set(missing) != {"fc.weight", "fc.bias"}:
-        raise SystemExit(f"{path}: encoder does not fit {arch}; missing {missing[:5]}")
+        raise UserError(f"{path}: encoder does not fit {arch}; missing {missing[:5]}")
     nn.init.normal_(model.fc.weight, 0.0, 0.01)
     nn.init.zeros_(model.fc.bias)
     return model, arch
@@ -84,4 +85,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    run_cli(main, get_args_parser().parse_args())
+    program(main, get_args_parser())

@@ -23,8 +23,11 @@ import torch.nn as nn
 import torchvision
 
 from convert import safe_load
-from convert.errors import run_cli
-from pretrain import engine, loader, mechanisms
+from convert.errors import UserError
+from convert.files import write_json_atomic
+from convert.machine import cpu_count
+from convert.runtime import add_process_flags, program
+from pretrain import engine, feed, loader, mechanisms
 from pretrain.knn import knn_accuracy
 from pretrain.memory_bank import BANK_MOMENTUM
 from pretrain.mochi import DEFAULT_WARMUP_EPOCHS, parse_setting
@@ -80,7 +83,12 @@ def get_args_parser():
     p.add_argument("--image-size", type=int, default=None, help="crop size (default 224)")
     p.add_argument("--shuffle-groups", type=int, default=None,
                    help="one process: BN groups emulating shuffle BN on N GPUs (default 8)")
-    p.add_argument("--workers", type=int, default=None, help="data workers per process")
+    p.add_argument("--workers", type=int, default=None, help="data workers per process "
+                   "(default: with CUDA, the cores of this process but one; else 8)")
+    p.add_argument("--augment-on", choices=feed.PATHS, default="device",
+                   help="device: workers decode, crop and flip; colour jitter, grayscale, blur "
+                        "and normalisation run in batches on the training device; cpu: the PIL "
+                        "pipeline, every op in the workers (the reference)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                    help="auto: bf16 where fast (CPU with AMX/AVX512-BF16, recent GPUs), fp16 "
                         "on older GPUs; fp32 turns mixed precision and channels_last off")
@@ -102,14 +110,14 @@ def get_args_parser():
     p.add_argument("--threads", type=int, default=None,
                    help="on a CPU: intra-op threads of all this machine's processes together, "
                         "shared out among them (default: every core)")
-    return p
+    return add_process_flags(p)
 
 
 def resolve_args(args):
     """Fill paper defaults, or the embedded-default schedule when no --data is given."""
     embedded = not args.data
     base = dict(arch="resnet50", epochs=200, batch_size=256, moco_k=65536, moco_m=0.999,
-                lr=None, image_size=224, schedule=[120, 160], shuffle_groups=8, workers=8)
+                lr=None, image_size=224, schedule=[120, 160], shuffle_groups=8)
     if embedded:
         base.update(EMBEDDED_DEFAULTS)
         args.data = os.path.join(generate(os.path.join("datasets", "synthetic")), "unlabeled")
@@ -118,12 +126,12 @@ def resolve_args(args):
             setattr(args, k, v)
     if args.mochi:
         if args.mechanism != "moco" or args.version != "v2":
-            raise SystemExit("--mochi builds on MoCo v2: use it with --mechanism moco "
-                             "--version v2")
+            raise UserError("--mochi builds on MoCo v2: use it with --mechanism moco "
+                            "--version v2")
         try:
             parse_setting(args.mochi, args.moco_k)
         except ValueError as e:
-            raise SystemExit(str(e)) from None
+            raise UserError(str(e)) from None
     v2 = args.version == "v2"
     args.mlp, args.aug_plus = v2, v2
     if args.cos is None:
@@ -143,7 +151,8 @@ def build_model(args, world_size, num_images):
     """The --mechanism's model (pretrain/mechanisms.py) for a dataset of `num_images`."""
     arch = getattr(torchvision.models, args.arch, None)
     if arch is None or not args.arch.startswith(("resnet", "wide_resnet", "resnext")):
-        raise SystemExit(f"--arch {args.arch}: not a torchvision ResNet")
+        raise UserError(f"--arch {args.arch}: not a torchvision ResNet (resnet18, resnet50, "
+                        "wide_resnet50_2, resnext50_32x4d, ...)")
     groups = args.shuffle_groups if world_size == 1 else 1
     return mechanisms.build(args, arch, groups, num_images)
 
@@ -207,13 +216,15 @@ def main(args):
     precision, amp_dtype, use_scaler, channels_last = engine.resolve_precision(args.precision,
                                                                                 device)
     if args.batch_size % world:
-        raise SystemExit(f"batch {args.batch_size} not divisible by {world} processes")
+        raise UserError(f"--batch-size {args.batch_size} (the global batch) does not divide "
+                        f"among {world} processes")
     per_rank_batch = args.batch_size // world
     torch.manual_seed(args.seed + rank)
 
-    transform = loader.TwoCropsTransform(
-        loader.moco_augmentation("v2" if args.aug_plus else "v1", args.image_size))
-    dataset = loader.ImageFiles(args.data, transform, seed=args.seed)
+    dataset, finish = feed.pipeline(args.data, "v2" if args.aug_plus else "v1",
+                                    args.image_size, args.seed, args.augment_on, device)
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))  # processes on this machine
+    data_settings = feed.loader_settings(device, args.workers, cpu_count() // local_world)
 
     model = build_model(args, world, len(dataset)).to(device)
     if channels_last:
@@ -239,9 +250,9 @@ def main(args):
         resume, ckpt = engine.load_latest_readable(args.output, args.trust_checkpoint)
     if resume:
         if ckpt.get("mechanism", "moco") != args.mechanism:
-            raise SystemExit(f"{resume} was trained with --mechanism "
-                             f"{ckpt.get('mechanism', 'moco')}, not {args.mechanism}: use "
-                             "another --output, or the same mechanism")
+            raise UserError(f"{resume} was trained with --mechanism "
+                            f"{ckpt.get('mechanism', 'moco')}, not {args.mechanism}: use "
+                            "another --output, or the same mechanism")
         load_state(model, ckpt["state_dict"])
         optimizer.load_state_dict(ckpt["optimizer"])
         if scaler is not None and ckpt.get("scaler"):
@@ -255,7 +266,8 @@ def main(args):
                     start_iter // bpe)
 
     if rank == 0:
-        effective = {**vars(args), "world_size": world, "per_process_batch": per_rank_batch,
+        effective = {**vars(args), **data_settings, "world_size": world,
+                     "per_process_batch": per_rank_batch,
                      "precision": precision, "channels_last": channels_last,
                      "device": str(device), "images": len(dataset), "iters_per_epoch": bpe,
                      "total_iters": total_iters, "git_sha": engine.git_sha(),
@@ -267,32 +279,33 @@ def main(args):
         logger.info("%s (%s) pretraining, resolved settings:\n%s", mechanisms.run_name(args),
                     args.version,
                     "\n".join(f"  {k:>18}: {v}" for k, v in sorted(effective.items())))
-        with open(os.path.join(args.output, "config.json"), "w") as f:
-            json.dump(effective, f, indent=1, default=str)
+        write_json_atomic(effective, os.path.join(args.output, "config.json"), indent=1,
+                          default=str)
+        logger.info(feed.ceiling_line(feed.measure_rate(dataset), data_settings["num_workers"],
+                                      args.augment_on))
 
     criterion = nn.CrossEntropyLoss()
     progress = engine.Progress(args.output, total_iters, start_iter, rank, args.print_freq,
                                bar="MoCo pretraining" if args.quiet else None)
     it = start_iter
     model.train()
+    data = torch.utils.data.DataLoader(dataset, batch_size=per_rank_batch, sampler=sampler,
+                                       drop_last=True, **data_settings)
     while it < total_iters:
         epoch, start_batch = divmod(it, bpe)
         lr = engine.adjust_learning_rate(optimizer, args.lr, epoch, args.epochs, args.cos,
                                          args.schedule)
-        dataset.set_epoch(epoch)
-        sampler.set_epoch(epoch, start_batch)
+        sampler.set_epoch(epoch, start_batch)  # the epoch travels with each index to the workers
         mechanisms.set_epoch(model, epoch)
-        data = torch.utils.data.DataLoader(
-            dataset, batch_size=per_rank_batch, sampler=sampler, num_workers=args.workers,
-            pin_memory=device.type == "cuda", drop_last=True,
-            persistent_workers=False)
-        # the batches' dataset indices (the memory bank's entries): the sampler's order, cut
-        # as the loader cuts it
-        indices = torch.utils.data.BatchSampler(sampler, per_rank_batch, drop_last=True)
-        for ((im_q, im_k), _), index in zip(data, indices):
+        # the batches' dataset indices (the memory bank's entries): the sampler's (epoch, index)
+        # pairs, cut as the loader cuts them
+        batches = torch.utils.data.BatchSampler(sampler, per_rank_batch, drop_last=True)
+        for (views, _), batch in zip(data, batches):
+            im_q, im_k = (finish(v) for v in views)  # float32, before the model's autocast
+            index = torch.tensor([i for _, i in batch])
             loss, logits, labels = train_step(model, criterion, optimizer, scaler, im_q, im_k,
-                                              device, amp_dtype, channels_last, gen,
-                                              torch.tensor(index), draws)
+                                              device, amp_dtype, channels_last, gen, index,
+                                              draws)
             acc1, acc5 = engine.accuracy(logits, labels, topk=(1, 5))
             if progress.logs(it):  # the global batch's loss and accuracy (equal shares)
                 loss_all, acc1, acc5 = engine.mean_over_processes([loss.item(), acc1, acc5])
@@ -326,4 +339,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    run_cli(main, get_args_parser().parse_args())
+    program(main, get_args_parser())

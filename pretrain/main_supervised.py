@@ -13,7 +13,7 @@ import os
 import torchvision
 
 from convert import safe_load
-from convert.errors import run_cli
+from convert.runtime import add_process_flags, program
 from pretrain import classify
 from pretrain.main_moco import EMBEDDED_DEFAULTS
 from pretrain.synthetic import generate
@@ -39,7 +39,7 @@ def get_args_parser():
     p.add_argument("--print-freq", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(safe_load.TRUST_FLAG, action="store_true", help=safe_load.TRUST_HELP)
-    return p
+    return add_process_flags(p)
 
 
 def main(args):
@@ -76,4 +76,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    run_cli(main, get_args_parser().parse_args())
+    program(main, get_args_parser())

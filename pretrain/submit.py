@@ -12,6 +12,8 @@ import argparse
 import os
 import sys
 
+from convert.errors import UserError
+from convert.runtime import program
 from pretrain import main_moco
 
 
@@ -59,12 +61,13 @@ def job_parameters(args):
     return params
 
 
-def main(argv=None):
-    args = get_args_parser().parse_args(argv)
+def main(args):
     if not args.data:
-        raise SystemExit("--data is required on a cluster (the embedded default is for one CPU)")
+        raise UserError("--data is required on a cluster (the embedded default is for one CPU)")
     args = main_moco.resolve_args(args)
-    args.workers = min(args.workers, args.cpus_per_task)
+    # one process per GPU, each with its own cpus_per_task cores: a worker on all but one
+    args.workers = (max(1, args.cpus_per_task - 1) if args.workers is None
+                    else min(args.workers, args.cpus_per_task))
     job_dir = args.job_dir or os.path.join(args.output, "slurm")
     params = job_parameters(args)
     world = args.nodes * args.gpus_per_node
@@ -82,4 +85,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(program(main, get_args_parser()))

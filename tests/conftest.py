@@ -16,6 +16,9 @@ HAVE_SHARED = os.path.isdir(os.path.join(SHARED_DATA, "coco_tiny"))
 
 _DATASET_ROOT = tempfile.mkdtemp(prefix="moco-transfer-datasets-")
 os.environ["DETECTRON2_DATASETS"] = _DATASET_ROOT  # before detectron2.data registers datasets
+# the programs' default OpenMP policy (convert/runtime.py), already in the environment of the
+# programs the tests start: none of them needs to start itself again to get it
+os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 if HAVE_SHARED:
     sys.path.insert(0, ROOT)
     from tools.sample_data import layout  # noqa: E402  (no detectron2 import)

@@ -13,7 +13,6 @@ def test_demo_pipeline_small(tmp_path, monkeypatch, capsys):
     from tools import demo
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("MOCO_TRANSFER_VERBOSE", raising=False)
     out = tmp_path / "demo_out"
     assert demo.main(["--out", str(out), "--small", "--seeds", "2"]) == 0
     console = capsys.readouterr()

@@ -124,3 +124,82 @@ def test_transfer_imports_without_pretrain_or_results():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "['convert']"
+
+
+# ---------------------------------------------------------------- state in the open
+def test_importing_the_packages_changes_no_environment_variable():
+    """(The libraries they use set some of their own when imported: those are imported
+    first.)"""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    code = ("import os, torch, torchvision, cv2, detectron2.engine, detectron2.data; "
+            "before = dict(os.environ); import transfer, pretrain, convert, results, "
+            "transfer.train_net, pretrain.main_moco, tools.demo, tools.suite; "
+            "print(os.environ.get('OMP_WAIT_POLICY'), dict(os.environ) == before)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                         env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["None", "True"]
+
+
+def _assigns_process_state(node):
+    """os.environ[...] = / del os.environ[...] / os.environ.update|setdefault|pop|clear(...),
+    os.putenv / os.unsetenv, and sys.stdout|stderr = ..."""
+    def is_attr(n, mod, name):
+        return isinstance(n, ast.Attribute) and n.attr == name and \
+            isinstance(n.value, ast.Name) and n.value.id == mod
+
+    targets = []
+    if isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign, ast.Delete)):
+        targets = node.targets if isinstance(node, (ast.Assign, ast.Delete)) else [node.target]
+    for t in targets:
+        if isinstance(t, ast.Subscript) and is_attr(t.value, "os", "environ"):
+            return True
+        if is_attr(t, "sys", "stdout") or is_attr(t, "sys", "stderr") or \
+                is_attr(t, "os", "environ"):
+            return True
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+        f = node.func
+        if is_attr(f.value, "os", "environ") and f.attr in ("update", "setdefault", "pop",
+                                                            "clear", "__setitem__"):
+            return True
+        if isinstance(f.value, ast.Name) and f.value.id == "os" and f.attr in ("putenv",
+                                                                               "unsetenv"):
+            return True
+    return False
+
+
+def test_no_module_assigns_the_environment_or_stdout():
+    """Process-wide state is given to a program as flags and to the programs it starts on
+    their command lines (convert/runtime.py): no project module writes os.environ or replaces
+    sys.stdout (contextlib.redirect_stdout scopes a redirection to a block)."""
+    found = [f"{rel}:{node.lineno}" for rel, path in modules()
+             for node in ast.walk(ast.parse(open(path).read())) if _assigns_process_state(node)]
+    assert found == []
+
+
+def test_no_module_global_carries_data_between_modules():
+    """Module-level names assigned a mutable container that a function then changes in place
+    (a cache or hand-over between modules): none, but for registries, which only their
+    ``register*`` functions fill, at import (detectron2's own pattern)."""
+    found = []
+    for rel, path in modules():
+        tree = ast.parse(open(path).read())
+        mutable = {t.id for n in tree.body if isinstance(n, ast.Assign)
+                   and isinstance(n.value, (ast.Dict, ast.List, ast.Set))
+                   for t in n.targets if isinstance(t, ast.Name)}
+        for fn in (n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef,
+                                                          ast.ClassDef))
+                   and not n.name.startswith("register")):
+            for node in ast.walk(fn):
+                changed = None
+                if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and \
+                        isinstance(node.func.value, ast.Name) and node.func.attr in (
+                            "append", "update", "clear", "pop", "setdefault", "add", "extend"):
+                    changed = node.func.value.id
+                elif isinstance(node, (ast.Assign, ast.AugAssign)):
+                    for t in (node.targets if isinstance(node, ast.Assign) else [node.target]):
+                        if isinstance(t, ast.Subscript) and isinstance(t.value, ast.Name):
+                            changed = t.value.id
+                if changed in mutable and changed not in {a.arg for a in fn.args.args}:
+                    found.append(f"{rel}:{node.lineno} changes the module's {changed}")
+    assert found == []

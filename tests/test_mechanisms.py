@@ -19,6 +19,7 @@ import torch.nn.functional as F
 import torchvision
 
 from convert import safe_load
+from convert.errors import UserError
 from pretrain import main_moco
 from pretrain.builder import MoCo, shuffled_feed
 from pretrain.end_to_end import EndToEnd
@@ -229,7 +230,7 @@ def test_mochi_setting_and_mechanism_flags_fail_in_one_line():
     for argv in (["--mochi", "4,2,2", "--version", "v1"],
                  ["--mochi", "4,2,2", "--mechanism", "memory_bank"]):
         args = main_moco.get_args_parser().parse_args(["--data", "x", *argv])
-        with pytest.raises(SystemExit, match="MoCo v2"):
+        with pytest.raises(UserError, match="MoCo v2"):
             main_moco.resolve_args(args)
     text = " ".join(main_moco.get_args_parser().format_help().split())  # wrapped lines joined
     for needed in ("end_to_end", "memory_bank", "Kalantidis", "Wu et al.", "Figure 2a",
@@ -281,7 +282,7 @@ def test_mechanism_checkpoint_resumes_exactly(name, converted, images, tmp_path)
     assert any(k.startswith("module.encoder_q.") for k in ck["state_dict"])
     if name == "memory_bank":
         assert ck["state_dict"]["module.memory_bank"].shape == (24, 128)  # one per image
-    with pytest.raises(SystemExit, match="trained with --mechanism"):
+    with pytest.raises(UserError, match="trained with --mechanism"):
         run_pretrain(images, tmp_path, max_iters=5,
                      mechanism="end_to_end" if name == "memory_bank" else "memory_bank")
 

@@ -254,8 +254,9 @@ def test_unreadable_and_non_rgb_images_are_handled(tiny_images, caplog):
 def test_slurm_submission_dry_run(capsys):
     from pretrain import submit
 
-    assert submit.main(["--data", "/data/imagenet/train", "--nodes", "2", "--gpus-per-node", "8",
-                        "--partition", "p1", "--dry-run"]) == 0
+    assert submit.main(submit.get_args_parser().parse_args(
+        ["--data", "/data/imagenet/train", "--nodes", "2", "--gpus-per-node", "8",
+         "--partition", "p1", "--dry-run"])) == 0
     out = capsys.readouterr().out
     assert "16 processes, global batch 256, lr 0.03" in out
     assert "'slurm_partition': 'p1'" in out and "'tasks_per_node': 8" in out

@@ -172,6 +172,7 @@ def test_suite_jobs_runs_n_at_a_time_each_with_its_share_of_the_cores(tmp_path, 
     import sys
 
     from tools import suite
+    from transfer.console import Console
 
     log = tmp_path / "log"
     script = ("import os, sys, time; t0 = time.time(); time.sleep(0.6); "
@@ -180,20 +181,19 @@ def test_suite_jobs_runs_n_at_a_time_each_with_its_share_of_the_cores(tmp_path, 
 
     real = suite.PlannedRun.command  # what train_net would be given
 
-    def command(self, runs_root, num_gpus=1, extra=(), threads=None):
-        argv = real(self, runs_root, num_gpus, extra, threads)
+    def command(self, runs_root, num_gpus=1, extra=(), threads=None, flags=()):
+        argv = real(self, runs_root, num_gpus, extra, threads, flags)
         return [sys.executable, "-c", script, str(self.seed),
                 *argv[argv.index("--num-gpus"):argv.index("--num-gpus") + 4]]
 
     monkeypatch.setattr(suite.PlannedRun, "command", command)
     monkeypatch.setattr(suite, "cpu_count", lambda: 4)
-    for quiet in ("0", "1"):
-        monkeypatch.setenv("MOCO_TRANSFER_QUIET", quiet)
-        monkeypatch.setenv("MOCO_TRANSFER_VERBOSE", "0")
+    for quiet in (False, True):
         log.write_text("")
         planned = plan(["voc_frcnn_c4_24k"], ["random"], [0, 1, 2, 3, 4], "smoke",
                        str(tmp_path / f"runs{quiet}"))
-        assert suite.run_local(planned, str(tmp_path / "runs"), num_gpus=2, jobs=2) == 1
+        assert suite.run_local(planned, str(tmp_path / "runs"), num_gpus=2, jobs=2,
+                               console=Console(quiet=quiet)) == 1
         rows = [line.split() for line in log.read_text().splitlines()]
         assert sorted(int(r[0]) for r in rows) == [0, 1, 2, 3, 4]  # seed 2 failed, counted
         # 4 cores / 2 jobs = 2 threads per run, for its 2 processes

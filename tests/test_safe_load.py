@@ -16,7 +16,7 @@ import torch
 import torchvision
 
 from convert import safe_load
-from convert.errors import run_cli
+from convert.runtime import entry_point
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REFUSED = ("refused to load: it holds posix.system, which is not plain data (unpickling it could "
@@ -114,7 +114,7 @@ def test_linear_classification_refuses_pretrained_weights_that_hold_code(
         ["--data", labeled_images, "--pretrained", path, "--output", str(tmp_path / "lin"),
          "--workers", "0", "--precision", "fp32"])
     with pytest.raises(SystemExit) as e:
-        run_cli(main_lincls.main, args)
+        entry_point(main_lincls.main, args)
     assert_refused_in_one_line(e.value.code, path, marker)
 
 
@@ -132,7 +132,7 @@ def test_pretraining_resume_refuses_a_checkpoint_that_holds_code(tmp_path, r18, 
          "--moco-k", "8", "--image-size", "32", "--shuffle-groups", "2", "--workers", "0",
          "--precision", "fp32"] + (["--resume", path] if where == "--resume" else []))
     with pytest.raises(SystemExit) as e:
-        run_cli(main_moco.main, args)
+        entry_point(main_moco.main, args)
     assert_refused_in_one_line(e.value.code, path, marker)
 
 

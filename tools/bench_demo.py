@@ -9,10 +9,12 @@ process times ``--iters`` training iterations after ``--warmup`` through the har
 (hooks, writers, data loader and all), at smoke scale, on the same data, seed and init.
 
     before: what the harness did until issue #17: OpenMP's default (spinning) waits, 2 data
-            workers competing with the main process' 2 intra-op threads, every writer (console, metrics.json, TensorBoard)
-            flushed every iteration, SGD's per-tensor update loop.
-    after:  the current defaults (transfer/speed.py): passive OpenMP waits, no data workers for
-            small images, writers every 20 iterations, SGD's multi-tensor (foreach) update.
+            workers competing with the main process' 2 intra-op threads, every writer
+            (console, metrics.json, TensorBoard) flushed every iteration, SGD's per-tensor
+            update loop.
+    after:  the current defaults (transfer/speed.py, convert/runtime.py): passive OpenMP waits,
+            no data workers for small images, writers every 20 iterations, SGD's multi-tensor
+            (foreach) update.
     after, 2 jobs: the same, two runs at once with half the cores each (tools/suite.py --jobs),
             as `make demo` runs its seeds on a CPU; iterations per second count both runs.
 
@@ -28,59 +30,60 @@ import sys
 import tempfile
 import time
 
-# transfer first: transfer/__init__.py sets OpenMP's wait policy unless the environment (the
-# "before" variant's child) names one, and it must be set before torch loads OpenMP
-from transfer import speed, train_net
+import torch
+
+from convert.machine import cpu_count
+from convert.runtime import omp_environment
+from pretrain import synthetic
+from tools.benchmarking import machine, publish, timed_steps
 from transfer.config import setup_cfg
 from transfer.datasets import dataset_root
 from transfer.sampling import seed_everything
-
-import torch
-from detectron2.engine import hooks
-
-from pretrain import synthetic
-from convert.machine import cpu_count
-from tools.benchmarking import machine, publish, timed_steps
+from transfer.trainer import Trainer
 
 SECTION = "### Demo fine-tuning iteration, before/after the CPU speed-ups (issue #17)"
 
 VARIANTS = {
-    "before": dict(workers=2, period=1, foreach=False, omp="", jobs=1),
-    "after": dict(workers=None, period=None, foreach=None, omp=None, jobs=1),  # the defaults
+    "before": dict(workers=2, period=1, foreach=False, omp="default", jobs=1),
+    "after": dict(workers=None, period=None, foreach=None, omp="passive", jobs=1),  # defaults
     # the defaults, two runs side by side with half the cores each (`make suite JOBS=2`, the
     # demo on a CPU): throughput is 2 iterations per step time
-    "after, 2 jobs": dict(workers=None, period=None, foreach=None, omp=None, jobs=2),
+    "after, 2 jobs": dict(workers=None, period=None, foreach=None, omp="passive", jobs=2),
 }
+
+
+class PeriodTrainer(Trainer):
+    """The harness Trainer with the writers every `period` iterations (None: the default)."""
+
+    def __init__(self, cfg, period=None):
+        self.period = period
+        super().__init__(cfg)
+
+    def writer_period(self):
+        return self.period or super().writer_period()
 
 
 def _child(args):
     """One process: time args.iters iterations of one variant; print JSON on the last line."""
     v = json.loads(args.child)
-
+    torch.set_num_threads(max(1, cpu_count() // v["jobs"]))  # this run's share of the cores
     seed_everything(0)  # the same init in every process
     opts = ["SOLVER.MAX_ITER", str(args.max_iter)]
-    if v["workers"] is not None:
+    if v["workers"] is not None:  # after the speed defaults: the override wins
         opts += ["DATALOADER.NUM_WORKERS", str(v["workers"])]
-    out = tempfile.mkdtemp(prefix="bench_demo_")
-    cfg = setup_cfg(args.task, "random", scale="smoke", overrides=opts, output=out)
-    if v["foreach"] is not None:
-        speed.FOREACH = v["foreach"]
-    if v["workers"] is None:
-        cfg.defrost()
-        speed.apply_speed_defaults(cfg)
-        cfg.freeze()
-    trainer = train_net.Trainer(cfg)
-    trainer.resume_or_load(resume=False)
-    if v["period"] is not None:
-        for h in trainer._hooks:
-            if type(h) is hooks.PeriodicWriter:
-                h._period = v["period"]
-    times, losses = zip(*timed_steps(trainer, args.warmup + args.iters))
+    with tempfile.TemporaryDirectory(prefix="bench_demo_") as out:
+        cfg = setup_cfg(args.task, "random", scale="smoke", overrides=opts, output=out)
+        trainer = PeriodTrainer(cfg, v["period"])
+        if v["foreach"] is not None:
+            for group in trainer.optimizer.param_groups:
+                group["foreach"] = v["foreach"]
+        trainer.resume_or_load(resume=False)
+        times, losses = zip(*timed_steps(trainer, args.warmup + args.iters))
     res = dict(times=times[args.warmup:], losses=losses,
                omp=os.environ.get("OMP_WAIT_POLICY") or "(unset)",
                workers=cfg.DATALOADER.NUM_WORKERS, threads=torch.get_num_threads(),
                foreach=trainer.optimizer.param_groups[0].get("foreach"),
-               period=[h._period for h in trainer._hooks if type(h) is hooks.PeriodicWriter])
+               period=[trainer.writer_period()])
     print(json.dumps(res))
 
 
@@ -104,12 +107,8 @@ def main(argv=None):
             cmd = [sys.executable, "-m", "tools.bench_demo", "--task", args.task, "--iters",
                    str(args.iters), "--warmup", str(args.warmup), "--max-iter",
                    str(args.max_iter), "--child", json.dumps(v)]
-            env = dict(os.environ)
-            if v["jobs"] > 1:  # each of the runs at once gets its share of the cores
-                env["OMP_NUM_THREADS"] = str(max(1, cpu_count() // v["jobs"]))
-            env.pop("OMP_WAIT_POLICY", None)
-            if v["omp"] is not None:  # "": libgomp's default (spin, then sleep)
-                env["OMP_WAIT_POLICY"] = v["omp"]
+            # the variant's OpenMP policy, in the environment torch will load OpenMP with
+            env = omp_environment(v["omp"], os.environ)
             procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                       text=True, env=env) for _ in range(v["jobs"])]
             for proc in procs:

@@ -21,6 +21,7 @@ Communication (and the waiting for the slower process that comes with it) per it
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -56,16 +57,18 @@ def _time_iterations(argv, warmup, iters, out):
 
 
 def _child(args):
-    argv = ["--task", TASK, "--scale", "smoke", "--output", tempfile.mkdtemp(prefix="bench_p_"),
-            "SOLVER.IMS_PER_BATCH", str(args.batch), "SOLVER.MAX_ITER", "1000",
-            "TEST.PRECISE_BN.ENABLED", "False"]
-    launch(_time_iterations, args.procs, args=(argv, args.warmup, args.iters, args.child),
-           threads=args.threads)
+    with tempfile.TemporaryDirectory(prefix="bench_processes_") as out:
+        argv = ["--task", TASK, "--scale", "smoke", "--output", out,
+                "SOLVER.IMS_PER_BATCH", str(args.batch), "SOLVER.MAX_ITER", "1000",
+                "TEST.PRECISE_BN.ENABLED", "False"]
+        launch(_time_iterations, args.procs, args=(argv, args.warmup, args.iters, args.child),
+               threads=args.threads)
 
 
 def run_variant(args, procs, threads, batch, copies=1):
     """`copies` processes of `procs` processes each, at once; the main processes' records."""
-    outs = [tempfile.mktemp(suffix=".json") for _ in range(copies)]
+    work = tempfile.mkdtemp(prefix="bench_processes_")
+    outs = [os.path.join(work, f"times{k}.json") for k in range(copies)]
     cmds = [[sys.executable, "-m", "tools.bench_processes", "--child", out, "--procs",
              str(procs), "--threads", str(threads), "--batch", str(batch), "--iters",
              str(args.iters), "--warmup", str(args.warmup)] for out in outs]
@@ -80,7 +83,7 @@ def run_variant(args, procs, threads, batch, copies=1):
     for out in outs:
         with open(out) as f:
             records.append(json.load(f))
-        os.remove(out)
+    shutil.rmtree(work)
     return records
 
 

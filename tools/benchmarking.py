@@ -58,4 +58,5 @@ def timed_steps(trainer, count):
             trainer.after_step()
             loss = trainer.storage.histories().get("total_loss")
             out.append((time.perf_counter() - t0, loss.latest() if loss else float("nan")))
+        trainer.after_train()  # the hooks end (writers flushed and closed)
     return out

@@ -11,8 +11,8 @@ results tables (mean +- std, deltas, Welch p-values) + report.
     python -m tools.demo --control-random-moco   # the control: MoCo weights replaced by random
     python -m tools.demo --mechanisms "moco end_to_end memory_bank mochi"  # demo_mechanisms.py
 
-The console shows one progress bar per stage; every log goes to files under --out (`-v` or
-MOCO_TRANSFER_VERBOSE=1 prints them instead). Whatever the numbers are, the table reports them
+The console shows one progress bar per stage; every log goes to files under --out (`-v`, or
+`make demo V=1`, prints them instead). Whatever the numbers are, the table reports them
 as measured.
 
 The control (not run in CI) writes randomly initialised ResNet weights in the MoCo checkpoint
@@ -26,23 +26,22 @@ import os
 import sys
 import time
 
-# pretrain and transfer first: they set the OpenMP wait policy before torch loads OpenMP
-from pretrain import engine, main_moco, main_supervised, synthetic
-from transfer import console
-from transfer.config import load_task_config
-from transfer.console import quiet_stdout
-from transfer.datasets import dataset_root
-
 import torch
 import torchvision
 
 from convert import safe_load
+from convert.machine import cpu_count
+from convert.runtime import add_process_flags, apply_omp_wait_policy
 from convert.to_detectron2 import main as convert_main
+from pretrain import engine, main_moco, main_supervised, synthetic
 from results.__main__ import main as results_main
 from results.collect import collect
 from results.tables import welch_p
 from tools.demo_mechanisms import convert_all, parse_mechanisms, pretrain_mechanisms
 from tools.suite import main as suite_main
+from transfer.config import load_task_config
+from transfer.console import Console, console_flags, quiet_stdout
+from transfer.datasets import dataset_root
 
 DEMO_TASK = "synthetic_frcnn_fpn_1k"
 # fine-tuning schedule of the demo (smoke scale of DEMO_TASK, these overrides last)
@@ -80,14 +79,23 @@ def finished(ckpt, epochs):
     return safe_load.load_torch(ckpt).get("epoch", 0) >= epochs
 
 
-def convert(src, dst, log_path):
+def as_argv(options):
+    """Command-line options from keyword values: {'batch_size': 64, 'schedule': [8, 10]} ->
+    ['--batch-size', '64', '--schedule', '8', '10']."""
+    argv = []
+    for key, value in options.items():
+        argv.append("--" + key.replace("_", "-"))
+        argv += [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
+    return argv
 
+
+def convert(src, dst, log_path):
     with quiet_stdout(log_path):
         if convert_main([src, dst]) != 0:
             raise SystemExit(f"conversion of {src} failed; see {log_path}")
 
 
-def main(argv=None):
+def get_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="demo_out")
     p.add_argument("--seeds", type=int, default=3)
@@ -98,14 +106,20 @@ def main(argv=None):
                    help="replace the converted MoCo weights by random init in the same format")
     p.add_argument("--mechanisms", default="moco",
                    help="also pretrain and compare these (end_to_end memory_bank mochi)")
-    p.add_argument("-v", "--verbose", action="store_true", help="full logs on the terminal")
-    args = p.parse_args(argv)
-    mechanisms = parse_mechanisms(args.mechanisms)
-    if args.verbose:
-        os.environ["MOCO_TRANSFER_VERBOSE"] = "1"
-    os.environ.setdefault("MOCO_TRANSFER_QUIET", "1")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="full logs on the terminal (default: one progress bar per stage)")
+    add_process_flags(p)  # also given to the programs the demo starts
+    return p
 
-    quiet = console.quiet()
+
+def main(argv=None):
+    return run(get_parser().parse_args(argv))
+
+
+def run(args):
+    mechanisms = parse_mechanisms(args.mechanisms)
+    console = Console(quiet=not args.verbose)
+    quiet = console.quiet
     t0, c0 = time.time(), os.times()
 
     out = os.path.abspath(args.out)
@@ -117,31 +131,27 @@ def main(argv=None):
         f"{synthetic.DEFAULTS['n_val']} val)")
     synthetic.generate(root, quiet=True)
 
-    moco_args = main_moco.get_args_parser().parse_args([])
-    moco_args.data = os.path.join(root, "unlabeled")
-    moco_args.output = os.path.join(out, "pretrain", "moco")
-    for k, v in main_moco.EMBEDDED_DEFAULTS.items():
-        setattr(moco_args, k, v)
+    recipe = dict(main_moco.EMBEDDED_DEFAULTS)
     if args.epochs:
-        moco_args.epochs = args.epochs
+        recipe["epochs"] = args.epochs
     if args.small:
-        moco_args.epochs = SMALL["epochs"]
-    moco_args.print_freq = 8
-    moco_args.embedded = True
+        recipe["epochs"] = SMALL["epochs"]
+    moco_args = main_moco.get_args_parser().parse_args(
+        ["--data", os.path.join(root, "unlabeled"), "--output",
+         os.path.join(out, "pretrain", "moco"), "--print-freq", "8", *as_argv(recipe)]
+        + ["--quiet"] * quiet)
     say(f"2/6 MoCo v2 pretraining: {moco_args.arch}, {moco_args.image_size} px, "
         f"{moco_args.epochs} epochs (log: {moco_args.output}/log.txt)")
-    moco_args.quiet = quiet
     moco_ckpt = main_moco.main(moco_args)
     other_ckpts = ({} if args.control_random_moco
                    else pretrain_mechanisms(mechanisms, moco_args, say))
 
-    sup_args = main_supervised.get_args_parser().parse_args([])
-    sup_args.data = os.path.join(root, "labeled")
-    sup_args.output = os.path.join(out, "pretrain", "supervised")
-    sup_args.epochs = SMALL["sup_epochs"] if args.small else main_moco.EMBEDDED_SUPERVISED_EPOCHS
-    sup_args.arch, sup_args.batch_size = moco_args.arch, moco_args.batch_size
-    sup_args.image_size, sup_args.workers = moco_args.image_size, moco_args.workers
-    sup_args.quiet = quiet
+    sup_args = main_supervised.get_args_parser().parse_args(
+        ["--data", os.path.join(root, "labeled"), "--output",
+         os.path.join(out, "pretrain", "supervised"), "--epochs",
+         str(SMALL["sup_epochs"] if args.small else main_moco.EMBEDDED_SUPERVISED_EPOCHS),
+         *as_argv({k: recipe[k] for k in ("arch", "batch_size", "image_size", "workers")})]
+        + ["--quiet"] * quiet)
     say(f"3/6 supervised baseline on the labelled crops ({sup_args.epochs} epochs)")
     sup_ckpt = os.path.join(sup_args.output, "checkpoint_last.pth.tar")
     if not finished(sup_ckpt, sup_args.epochs):  # a finished one is reused (a second demo)
@@ -172,7 +182,7 @@ def main(argv=None):
 
     iters = SMALL["iters"] if args.small else (args.iters or FINETUNE["iters"])
     # on a CPU, two runs side by side with half the cores each (BENCHMARKS.md)
-    jobs = 1 if torch.cuda.is_available() else min(2, os.cpu_count() or 1)
+    jobs = 1 if torch.cuda.is_available() else min(2, cpu_count())
     say(f"5/6 fine-tuning {DEMO_TASK} ({iters} iterations, batch {FINETUNE['batch']}): "
         f"MoCo / supervised / random init x {args.seeds} seeds, {jobs} at a time "
         f"(logs: {runs})")
@@ -182,6 +192,7 @@ def main(argv=None):
                      "--weights", " ".join([f"moco={moco_pkl}", *other_weights,
                                             f"random supervised={sup_pkl}"]),
                      "--seeds", str(args.seeds), "--scale", "smoke", "--runs", runs,
+                     *console_flags(console), "--omp-wait-policy", args.omp_wait_policy,
                      "SOLVER.MAX_ITER", str(iters),
                      "SOLVER.IMS_PER_BATCH", str(FINETUNE["batch"]),
                      "SOLVER.BASE_LR", str(FINETUNE["lr"])])
@@ -189,7 +200,7 @@ def main(argv=None):
     say("6/6 results" + (" (CONTROL: 'moco' is random init)" if args.control_random_moco
                          else ""))
 
-    with console.quiet_stdout(os.path.join(logs, "results.txt")) if quiet else \
+    with quiet_stdout(os.path.join(logs, "results.txt")) if quiet else \
             contextlib.nullcontext():
         results_main(["--runs", runs, "--out", results_dir, "--decimals", "2"])
     print_table(os.path.join(results_dir, "results.md"), DEMO_TASK)
@@ -246,4 +257,6 @@ def print_pvalues(runs_root, metrics):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    args = get_parser().parse_args()
+    apply_omp_wait_policy(args.omp_wait_policy)
+    sys.exit(run(args))

@@ -8,6 +8,7 @@ Only symbolic links and small list files are written. Result:
     VOC2007/, VOC2012/  (the 100 VOC2012 images; trainval = the sample's train half,
                          test = its val half, so training and test images never overlap)
     lvis/lvis_v0.5_val.json  (LVIS v0.5 val, filtered to the one image present)
+`voc_objects` writes the VOC sample's objects as a labelled image folder (kNN monitors).
 """
 import os
 import sys
@@ -60,6 +61,31 @@ def layout(shared_data, root):
         _write(os.path.join(d, "ImageSets", "Main", "test.txt"), val)
         _write(os.path.join(d, "ImageSets", "Main", "val.txt"), val)
     return root
+
+
+def voc_objects(shared_data, out, min_side=32):
+    """A labelled image folder `out/<class>/<image>_<k>.jpg` of the VOC sample's objects (not
+    difficult, both sides >= `min_side` px): natural images with classes, for kNN monitors.
+    Returns out."""
+    import xml.etree.ElementTree as ET
+
+    from PIL import Image
+
+    voc = os.path.join(shared_data, "voc_tiny", "VOCdevkit", "VOC2012")
+    for name in sorted(os.listdir(os.path.join(voc, "Annotations"))):
+        objects = ET.parse(os.path.join(voc, "Annotations", name)).findall("object")
+        stem = os.path.splitext(name)[0]
+        with Image.open(os.path.join(voc, "JPEGImages", stem + ".jpg")) as img:
+            for k, obj in enumerate(objects):
+                box = [float(obj.find("bndbox").findtext(t)) for t in
+                       ("xmin", "ymin", "xmax", "ymax")]
+                if obj.findtext("difficult") == "1" or min(box[2] - box[0],
+                                                           box[3] - box[1]) < min_side:
+                    continue
+                path = os.path.join(out, obj.findtext("name"), f"{stem}_{k}.jpg")
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                img.convert("RGB").crop(box).save(path, quality=95)
+    return out
 
 
 if __name__ == "__main__":

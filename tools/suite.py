@@ -24,11 +24,13 @@ from dataclasses import dataclass
 
 import torch
 
+from convert.logs import progress_bar
+from convert.machine import cpu_count
+from convert.runtime import add_process_flags, apply_omp_wait_policy, omp_environment
 from results.collect import read_run
-from transfer import console
 from transfer.config import setup_cfg
 from transfer.configs import known_tasks
-from transfer.launch import cpu_count
+from transfer.console import Console, add_console_flags, console_from_args
 from transfer.run_dir import run_dir
 from transfer.weights import parse_weights
 
@@ -44,14 +46,20 @@ class PlannedRun:
     action: str  # skip | resume | start
     why: str
 
-    def command(self, runs_root, num_gpus=1, extra=(), threads=None):
+    def command(self, runs_root, num_gpus=1, extra=(), threads=None, flags=()):
         """train_net's command line: `num_gpus` processes started by train_net (1 where they
-        are started from outside, as SLURM tasks), `threads` CPU threads shared among them;
-        the KEY VALUE overrides `extra` come last."""
+        are started from outside, as SLURM tasks), `threads` CPU threads shared among them,
+        program `flags` (console, OpenMP policy); the KEY VALUE overrides `extra` come last."""
         return [sys.executable, "-m", "transfer.train_net", "--task", self.task, "--weights",
                 self.weights_spec, "--seed", str(self.seed), "--scale", self.scale,
                 "--runs", runs_root, "--num-gpus", str(num_gpus),
-                *(["--threads", str(threads)] if threads else []), *extra]
+                *(["--threads", str(threads)] if threads else []), *flags, *extra]
+
+
+def child_env(omp_wait_policy, extra=None):
+    """The environment of a run this suite starts: its slot's additions, and the OpenMP policy
+    it is given on its command line already in place (so it need not start itself again)."""
+    return omp_environment(omp_wait_policy, {**os.environ, **(extra or {})})
 
 
 @dataclass
@@ -102,22 +110,26 @@ def plan(tasks, weights, seeds, scale, runs_root):
     return planned
 
 
-def run_local(planned, runs_root, num_gpus=1, extra=(), jobs=1, threads=None):
+def run_local(planned, runs_root, num_gpus=1, extra=(), jobs=1, threads=None,
+              console=Console(), omp_wait_policy="passive"):
     """Run what is not complete, `jobs` runs of `num_gpus` processes at a time (each in its
-    slot: ``local_slots``); returns the number of failed runs."""
+    slot: ``local_slots``), in this program's `console` mode and OpenMP policy; returns the
+    number of failed runs."""
     todo = [p for p in planned if p.action != "skip"]
     if not todo:
         return 0
     slots = local_slots(jobs, num_gpus, threads)
-    if console.quiet():
-        return _run_local_quiet(todo, runs_root, num_gpus, extra, slots)
+    flags = ["--omp-wait-policy", omp_wait_policy]
+    if console.quiet:
+        return _run_local_quiet(todo, runs_root, num_gpus, extra, slots, flags)
     failures = 0
 
     def started(i, p, slot):
         print(f"[suite] ({i + 1}/{len(todo)}) {p.action}: {p.task} / {p.weights_name} / "
               f"seed {p.seed}", flush=True)
-        return subprocess.Popen(p.command(runs_root, num_gpus, extra, slot.threads),
-                                env={**os.environ, **slot.env})
+        return subprocess.Popen(p.command(runs_root, num_gpus, extra, slot.threads,
+                                          flags + ["--verbose"]),
+                                env=child_env(omp_wait_policy, slot.env))
 
     for _, p, proc in _pool(todo, started, slots):
         if proc.returncode != 0:
@@ -168,12 +180,12 @@ def _read_progress(path):
         return 0
 
 
-def _run_local_quiet(todo, runs_root, num_gpus, extra, slots):
+def _run_local_quiet(todo, runs_root, num_gpus, extra, slots, flags):
     """The quiet console (transfer/console.py): one progress bar over every iteration of every
     run; each run's terminal output goes to <run>/console.log, its log to <run>/log.txt."""
     iters = [_max_iter(p, extra) for p in todo]
     failures, finished = 0, 0
-    bar = console.bar(sum(iters), f"fine-tuning {len(todo)} runs"
+    bar = progress_bar(sum(iters), f"fine-tuning {len(todo)} runs"
                       + (f", {len(slots)} at a time" if len(slots) > 1 else ""), unit="it")
     with tempfile.TemporaryDirectory() as tmp:
         def progress(i):
@@ -182,10 +194,10 @@ def _run_local_quiet(todo, runs_root, num_gpus, extra, slots):
         def start(i, p, slot):
             os.makedirs(p.run_dir, exist_ok=True)
             with open(os.path.join(p.run_dir, "console.log"), "a") as out:
-                return subprocess.Popen(p.command(runs_root, num_gpus, extra, slot.threads),
-                                        stdout=out, stderr=subprocess.STDOUT,
-                                        env={**os.environ, **slot.env,
-                                             console.PROGRESS_ENV: progress(i)})
+                return subprocess.Popen(
+                    p.command(runs_root, num_gpus, extra, slot.threads,
+                              flags + ["--progress-file", progress(i)]),
+                    stdout=out, stderr=subprocess.STDOUT, env=child_env(flags[1], slot.env))
 
         def poll(running):
             done = finished + sum(min(_read_progress(progress(i)), iters[i])
@@ -214,18 +226,21 @@ class _SlurmRun:
     exit interrupts ``subprocess.run``, which kills the training process. Nothing is saved
     then: the requeued job resumes from the run's last checkpoint, exactly."""
 
-    def __init__(self, planned, runs_root, extra):
+    def __init__(self, planned, runs_root, extra, omp_wait_policy="passive"):
         self.planned, self.runs_root, self.extra = planned, runs_root, list(extra)
+        self.omp_wait_policy = omp_wait_policy
 
     def __call__(self):
         import submitit
 
         layout = submitit.helpers.TorchDistributedEnvironment()
-        env = dict(os.environ, RANK=str(layout.rank), WORLD_SIZE=str(layout.world_size),
-                   LOCAL_RANK=str(layout.local_rank),
-                   LOCAL_WORLD_SIZE=str(layout.local_world_size),
-                   MASTER_ADDR=layout.master_addr, MASTER_PORT=str(layout.master_port))
-        subprocess.run(self.planned.command(self.runs_root, 1, self.extra), env=env, check=True)
+        env = child_env(self.omp_wait_policy, dict(
+            RANK=str(layout.rank), WORLD_SIZE=str(layout.world_size),
+            LOCAL_RANK=str(layout.local_rank), LOCAL_WORLD_SIZE=str(layout.local_world_size),
+            MASTER_ADDR=layout.master_addr, MASTER_PORT=str(layout.master_port)))
+        flags = ["--omp-wait-policy", self.omp_wait_policy, "--verbose"]
+        subprocess.run(self.planned.command(self.runs_root, 1, self.extra, flags=flags),
+                       env=env, check=True)
         return self.planned.run_dir
 
     def checkpoint(self):
@@ -244,7 +259,7 @@ def submit_slurm(planned, runs_root, args):
         cpus_per_task=args.cpus_per_task, timeout_min=args.timeout_min,
         slurm_partition=args.partition, name="moco-transfer")
     todo = [p for p in planned if p.action != "skip"]
-    calls = [_SlurmRun(p, runs_root, args.opts) for p in todo]
+    calls = [_SlurmRun(p, runs_root, args.opts, args.omp_wait_policy) for p in todo]
     if args.array:
         with executor.batch():
             jobs = [executor.submit(c) for c in calls]
@@ -273,8 +288,6 @@ def get_parser():
                     help="on a CPU: threads of all the local runs together (default: every "
                          "core), shared out among the runs and their processes")
     ap.add_argument("--dry-run", action="store_true", help="list the plan, run nothing")
-    ap.add_argument("-v", "--verbose", action="store_true",
-                    help="the runs' full logs on the terminal (default when not interactive)")
     ap.add_argument("--slurm", action="store_true", help="submit through submitit")
     ap.add_argument("--array", action="store_true", help="with --slurm: one job array")
     ap.add_argument("--cluster", default=None, choices=[None, "slurm", "local"],
@@ -284,20 +297,25 @@ def get_parser():
     ap.add_argument("--gpus-per-node", type=int, default=8)
     ap.add_argument("--cpus-per-task", type=int, default=10, help="with --slurm: per GPU")
     ap.add_argument("--timeout-min", type=int, default=4320)
+    add_console_flags(ap)
+    add_process_flags(ap)  # also given to every run
     ap.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides for every run")
     return ap
 
 
 def main(argv=None):
-    args = get_parser().parse_args(argv)
-    if args.verbose:
-        os.environ["MOCO_TRANSFER_VERBOSE"] = "1"
+    """The suite (in-process: tools.demo calls it)."""
+    return run(get_parser().parse_args(argv))
 
+
+def run(args):
+    """Plan, then run or submit."""
+    console = console_from_args(args)
     seeds = ([int(s) for s in args.seeds.split(",")] if "," in args.seeds
              else list(range(int(args.seeds))))
     planned = plan(args.tasks.split(), args.weights.split(), seeds, args.scale, args.runs)
     for p in planned:
-        if console.quiet() and not args.dry_run:
+        if console.quiet and not args.dry_run:
             break  # the quiet console: the counts below and one progress bar
         print(f"{p.action:>6}  {p.task:<26} {p.weights_name:<14} seed {p.seed:<3} {p.run_dir}"
               f"  ({p.why})")
@@ -310,8 +328,10 @@ def main(argv=None):
         submit_slurm(planned, args.runs, args)
         return 0
     return 1 if run_local(planned, args.runs, args.num_gpus, args.opts, args.jobs,
-                          args.threads) else 0
+                          args.threads, console, args.omp_wait_policy) else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    args = get_parser().parse_args()
+    apply_omp_wait_policy(args.omp_wait_policy)
+    sys.exit(run(args))

@@ -9,9 +9,3 @@ mappers and evaluators. ``d2.py`` stands in for detectron2's compiled ops.
 
 Imports only ``convert`` among the other stages.
 """
-import os
-
-# OpenMP threads that wait passively (before torch loads OpenMP): on a small CPU shared with data
-# workers or other jobs, spinning threads stall every op (transfer/speed.py, BENCHMARKS.md).
-# An explicit OMP_WAIT_POLICY in the environment wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

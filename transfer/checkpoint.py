@@ -28,7 +28,6 @@ from detectron2.checkpoint import DetectionCheckpointer
 from convert import safe_load
 from convert.files import atomic_open, write_text_atomic
 from transfer.errors import UserError
-from transfer.weights import take_weights_file
 
 logger = logging.getLogger(__name__)
 
@@ -100,28 +99,13 @@ class TransferCheckpointer(DetectionCheckpointer):
         return [os.path.join(self.save_dir, n) for n in dict.fromkeys(names)]
 
     def readable_checkpoint(self):
-        """The newest checkpoint that loads, or None; says in one line what it skipped."""
-        skipped = []
-        for path in self.candidates():
-            if not os.path.isfile(path):
-                skipped.append(f"{os.path.basename(path)} (missing)")
-                continue
-            try:
-                self._verified = {path: self._read(path)}
-            except safe_load.UntrustedCheckpoint:
-                raise  # not damage: a file that holds code is never skipped silently
-            except Exception as e:  # any way a file fails to load: skip it, say why
-                skipped.append(f"{os.path.basename(path)} ({type(e).__name__}: "
-                               f"{str(e).splitlines()[0] if str(e) else ''})")
-                continue
-            if skipped:
-                logger.warning("unreadable checkpoint(s) %s; resuming from %s instead",
-                               "; ".join(skipped), os.path.basename(path))
-            return path
-        if skipped:
-            logger.warning("no readable checkpoint in %s (%s); starting from the initial "
-                           "weights", self.save_dir, "; ".join(skipped))
-        return None
+        """The newest checkpoint that loads, or None; says in one line what it skipped
+        (convert/safe_load.py's ``newest_readable``). What it read is kept for ``load``."""
+        path, content = safe_load.newest_readable(
+            self.candidates(), self._read, logger, self.save_dir,
+            "starting from the initial weights")
+        self._verified = {path: content} if path else {}
+        return path
 
     # ------------------------------------------------------------ loading
     def load(self, path, checkpointables=None):
@@ -143,9 +127,6 @@ class TransferCheckpointer(DetectionCheckpointer):
     def _load_file(self, filename):
         if filename in self._verified:
             return self._verified.pop(filename)
-        data = take_weights_file(filename)  # a converted .pkl weights.py has read
-        if data is not None:
-            return as_detectron2_checkpoint(data, filename)
         return self._read(filename)
 
     def _load_model(self, checkpoint):

@@ -17,7 +17,7 @@ from transfer.configs import task_config_path
 from transfer.densepose.config import add_densepose_config
 from transfer.errors import ConfigError
 from transfer.run_dir import run_dir
-from transfer.speed import apply_speed_defaults
+from transfer.speed import data_workers
 from transfer.weights import weights_overrides
 
 
@@ -138,9 +138,27 @@ def split_global_batch(cfg, world_size):
     return cfg
 
 
+def machine_settings(cfg, world_size, cuda):
+    """The config values this machine and process layout give a run, apart from its protocol:
+    the device (cpu where there is no CUDA), the data workers (none for small images on a
+    CPU: transfer/speed.py) and the process count. {KEY: value}."""
+    settings = {"MOCO_TRANSFER.NUM_GPUS": world_size}
+    device = "cuda" if cuda else "cpu"
+    if cfg.MODEL.DEVICE != device and not cfg.MODEL.DEVICE.startswith(device):
+        settings["MODEL.DEVICE"] = device
+    workers = data_workers(cfg, device)
+    if workers != cfg.DATALOADER.NUM_WORKERS:
+        settings["DATALOADER.NUM_WORKERS"] = workers
+    return settings
+
+
 def setup_cfg(task, weights="random", *, seed=0, scale="full", overrides=(), output=None,
-              world_size=1, runs_root="runs", trust=False):
-    """The fully resolved config of one run of `world_size` processes."""
+              world_size=1, runs_root="runs", trust=False, cuda=None):
+    """The fully resolved config of one run of `world_size` processes: the task's protocol
+    (task YAML -> weights -> scale -> seed), then this machine's settings
+    (``machine_settings``; `cuda`: whether the run has GPUs, default whether this machine has;
+    False and True give the config of a CPU and of a GPU machine anywhere), then the overrides,
+    then the global batch's split (``split_global_batch``)."""
     cfg = load_task_config(task)
     name, wcfg = weights_overrides(weights, trust)
     cfg.merge_from_list([x for kv in wcfg.items() for x in kv])
@@ -159,16 +177,25 @@ def setup_cfg(task, weights="random", *, seed=0, scale="full", overrides=(), out
     else:
         SCALES[scale](cfg)
     cfg.MOCO_TRANSFER.SCALE = scale
-    cfg.MOCO_TRANSFER.NUM_GPUS = world_size
     cfg.SEED = seed
-    if not torch.cuda.is_available():
-        cfg.MODEL.DEVICE = "cpu"
     cfg.OUTPUT_DIR = output or run_dir(runs_root, task, name, seed, scale)
-    apply_speed_defaults(cfg)  # before the overrides: DATALOADER.NUM_WORKERS N still wins
+    machine = machine_settings(cfg, world_size,
+                               torch.cuda.is_available() if cuda is None else cuda)
+    # before the overrides: DATALOADER.NUM_WORKERS N still wins
+    cfg.merge_from_list([x for kv in machine.items() for x in kv])
     apply_overrides(cfg, overrides)
     cfg = split_global_batch(cfg, world_size)
     cfg.freeze()
     return cfg
+
+
+def diff_configs(a, b, prefix=""):
+    """(dotted key, value in a, value in b) for every leaf that differs."""
+    for k, v in a.items():
+        if isinstance(v, CN):
+            yield from diff_configs(v, b[k], f"{prefix}{k}.")
+        elif v != b[k]:
+            yield prefix + k, v, b[k]
 
 
 def config_keys(cfg, prefix=""):

@@ -13,9 +13,11 @@ import os
 from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
 
+from transfer.errors import UserError
 
-class DatasetMissing(FileNotFoundError):
-    pass
+
+class DatasetMissing(UserError, FileNotFoundError):
+    """A dataset that is not where detectron2 looks for it (the message names the layout)."""
 
 
 def dataset_root():

@@ -19,6 +19,3 @@ class WeightsError(UserError, ValueError):
 class CorruptImage(UserError, OSError):
     """A dataset image that cannot be read."""
 
-
-class CheckpointUnreadable(UserError, RuntimeError):
-    """A checkpoint given explicitly that cannot be read."""

@@ -19,18 +19,19 @@ environment. SOLVER.IMS_PER_BATCH is the global batch whatever the process count
 import json
 import logging
 import os
-import sys
 
 import detectron2.utils.comm as comm
 from detectron2.engine import default_argument_parser, default_setup
 from detectron2.utils.logger import setup_logger
 
 from convert import safe_load
-from transfer import console, run_dir
-from transfer.config import setup_cfg
+from convert.runtime import add_process_flags, apply_omp_wait_policy, entry_point
+from transfer import run_dir
+from transfer.config import diff_configs, setup_cfg
 from transfer.configs import task_config_path
-from transfer.datasets import DatasetMissing, check_datasets
-from transfer.errors import ConfigError, UserError
+from transfer.console import add_console_flags, console_from_args, quiet_run
+from transfer.datasets import check_datasets
+from transfer.errors import ConfigError
 from transfer.launch import external_layout, launch, launch_external
 from transfer.trainer import Trainer
 
@@ -43,6 +44,19 @@ def resolve(args, world_size):
                      runs_root=args.runs, trust=args.trust_checkpoint)
 
 
+def print_dry_run(args, world_size):
+    """The protocol's config (the same on a laptop and on a GPU node: resolved for GPUs), then
+    what this machine changes in it, as comments."""
+    protocol = setup_cfg(args.task, args.weights, seed=args.seed, scale=args.scale,
+                         overrides=args.opts, output=args.output, world_size=world_size,
+                         runs_root=args.runs, trust=args.trust_checkpoint, cuda=True)
+    here = resolve(args, world_size)
+    print(protocol.dump())
+    changed = {k: here_v for k, here_v, v in diff_configs(here, protocol)}
+    print("# this machine's settings (not the protocol; applied before the overrides):")
+    print("\n".join(f"#   {k}: {v}" for k, v in changed.items()) or "#   none")
+
+
 def main(args):
     """One process's part of the run (every process runs it)."""
     cfg = resolve(args, comm.get_world_size())
@@ -50,20 +64,22 @@ def main(args):
     default_setup(cfg, args)
     # this project's messages (checkpoint fallback, sampling) in the run's log.txt too
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="transfer")
-    console.quiet_run(cfg)  # quiet console: logs to the run's files, a progress bar
+    console = console_from_args(args)
     if comm.is_main_process():
         run_dir.write_started(cfg)
-    try:
-        if args.eval_only:
-            results = Trainer.evaluate_saved(cfg)
-        else:
-            trainer = Trainer(cfg)
-            trainer.resume_or_load(resume=True)
-            results = trainer.train()
-    except BaseException as e:
-        if comm.is_main_process():
-            run_dir.write_stopped(cfg, e)
-        raise
+    # quiet console: logs to the run's files, a progress bar
+    with quiet_run(cfg, console):
+        try:
+            if args.eval_only:
+                results = Trainer.evaluate_saved(cfg)
+            else:
+                trainer = Trainer(cfg, console)
+                trainer.resume_or_load(resume=True)
+                results = trainer.train()
+        except BaseException as e:
+            if comm.is_main_process():
+                run_dir.write_stopped(cfg, e)
+            raise
     if comm.is_main_process():
         flat = run_dir.write_results(cfg, results)
         logger.info("results: %s", json.dumps(flat))
@@ -86,6 +102,8 @@ def get_parser():
                    help="on a CPU: intra-op threads of the whole run on this machine, shared "
                         "out among its processes (default: every core)")
     p.add_argument(safe_load.TRUST_FLAG, action="store_true", help=safe_load.TRUST_HELP)
+    add_console_flags(p)
+    add_process_flags(p)
     p.set_defaults(dist_url="auto")
     return p
 
@@ -107,12 +125,16 @@ def parse_args(argv=None):
 
 
 def run(argv=None):
-    args = parse_args(argv)
+    """The run a command line describes, in this process and those it starts."""
+    return execute(parse_args(argv))
+
+
+def execute(args):
     layout = external_layout(os.environ)  # started by torchrun / SLURM: this process only
     world = layout.world_size if layout else args.num_gpus * args.num_machines
     cfg = resolve(args, world)  # the user's mistakes show here, before any process starts
     if args.dry_run:
-        print(cfg.dump())
+        print_dry_run(args, world)
         return None
     if layout:
         return launch_external(main, layout, args=(args,), threads=args.threads)
@@ -128,12 +150,12 @@ def run(argv=None):
 
 
 def cli(argv=None):
-    """run(), with the user's errors (a bad task, weights, dataset, override, image) as one
-    line; any other exception is a bug and keeps its traceback."""
-    try:
-        return run(argv)
-    except (UserError, DatasetMissing) as e:
-        sys.exit(f"error: {e}")
+    """The program: run(), with the user's errors (a bad task, weights, dataset, override,
+    image) as one line (a bug keeps its traceback), and the process-wide settings applied
+    (convert/runtime.py: this may start the program again, before any work)."""
+    args = entry_point(parse_args, argv)
+    apply_omp_wait_policy(args.omp_wait_policy)
+    return entry_point(execute, args)
 
 
 if __name__ == "__main__":

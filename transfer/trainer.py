@@ -19,8 +19,9 @@ from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, Trainer
 from detectron2.engine.defaults import create_ddp_model
 from detectron2.evaluation import verify_results
 
-from transfer import console, sampling, speed
+from transfer import sampling, speed
 from transfer.checkpoint import TransferCheckpointer
+from transfer.console import Console, progress_hooks
 from transfer.datasets import build_mapper
 from transfer.evaluators import build_evaluator
 from transfer.precise_bn import GlobalPreciseBN
@@ -30,12 +31,13 @@ logger = logging.getLogger("transfer")
 
 
 class Trainer(DefaultTrainer):
-    def __init__(self, cfg):
+    def __init__(self, cfg, console=Console()):
         """DefaultTrainer's construction, with the DDP wrapper fitted to the device: detectron2
         v0.6 always gives DDP ``device_ids=[local rank]``, which torch refuses for a model on a
         CPU (gloo processes). The config comes resolved (``config.setup_cfg`` already applied
-        ``auto_scale_workers``)."""
+        ``auto_scale_workers``); `console` is how the run talks to the terminal."""
         TrainerBase.__init__(self)
+        self.console = console
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
@@ -97,9 +99,13 @@ class Trainer(DefaultTrainer):
         if comm.is_main_process():
             # the progress bar (or the suite's progress file) belongs to the main process
             hook_list += [hooks.PeriodicWriter(self.build_writers(),
-                                               period=speed.writer_period(cfg)),
-                          *console.progress_hooks(cfg)]
+                                               period=self.writer_period()),
+                          *progress_hooks(cfg, self.console)]
         return hook_list
+
+    def writer_period(self):
+        """Iterations between two writes of the console line, metrics.json and TensorBoard."""
+        return speed.writer_period(self.cfg)
 
     def evaluate(self):
         """The evaluation hook's call: evaluate on the test sets and keep the results."""
@@ -140,7 +146,7 @@ class Trainer(DefaultTrainer):
         else:
             self.checkpointer.load(self.cfg.MODEL.WEIGHTS, checkpointables=[])
             self.start_iter = 0
-        self._trainer.data_loader.start_iter = self.start_iter
+        self.data_loader.start_iter = self.start_iter
         if comm.is_main_process():
             trim_metrics(os.path.join(self.cfg.OUTPUT_DIR, METRICS_FILE), self.start_iter)
 

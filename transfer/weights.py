@@ -5,9 +5,8 @@ A spec is ``random``, ``supervised`` (MSRA's R-50, detectron2's ImageNet baselin
 carries its input normalisation and ResNet config (``moco_transfer`` metadata); the reference
 converters' outputs (``__author__`` MOCO / torchvision) are RGB with torchvision's statistics.
 
-The .pkl is read once, as data only (``convert/safe_load.py``; ``trust``: --trust-checkpoint):
-``read_weights_file`` keeps the last file it read, and the checkpointer (``checkpoint.py``)
-takes it from there instead of unpickling every tensor a second time.
+The .pkl is read as data only (``convert/safe_load.py``; ``trust``: --trust-checkpoint): here
+for its metadata, and by the checkpointer (``checkpoint.py``) for its weights.
 """
 import os
 
@@ -18,29 +17,9 @@ from transfer.errors import WeightsError
 MSRA_R50 = "detectron2://ImageNetPretrained/MSRA/R-50.pkl"
 RESERVED_WEIGHTS = ("supervised", "random")
 
-_last_read = {}  # {(path, mtime, size): unpickled content}, one entry
-
-
-def _file_key(path):
-    st = os.stat(path)
-    return os.path.abspath(path), st.st_mtime_ns, st.st_size
-
-
 def read_weights_file(path, trust=False):
-    """The unpickled .pkl (data only, latin1 as detectron2 reads Caffe2-era files); the last
-    one is kept."""
-    key = _file_key(path)
-    if key not in _last_read:
-        _last_read.clear()
-        _last_read[key] = safe_load.load_pickle(path, trust)
-    return _last_read[key]
-
-
-def take_weights_file(path):
-    """The content ``read_weights_file`` kept for ``path`` (then forgotten), or None."""
-    if not os.path.isfile(path):
-        return None
-    return _last_read.pop(_file_key(path), None)
+    """The unpickled .pkl (data only, latin1 as detectron2 reads Caffe2-era files)."""
+    return safe_load.load_pickle(path, trust)
 
 
 def parse_weights(spec):
