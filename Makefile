@@ -12,6 +12,9 @@ NPROC      ?= 1
 OUTPUT     ?=
 ARCH       ?=
 VERSION    ?= v2
+# moco | end_to_end | memory_bank (--mechanism); MOCHI=N,S,S_PRIME: MoCHi on MoCo v2
+MECHANISM  ?=
+MOCHI      ?=
 EPOCHS     ?=
 BATCH_SIZE ?=
 ARGS       ?=
@@ -37,7 +40,7 @@ JOBS  ?= 1
 RUNS  ?= runs
 OUT   ?= results/out
 
-.PHONY: help setup doctor test bench bench-tasks bench-processes pretrain lincls supervised convert transfer densepose-fixture tasks suite results demo bench-demo clean
+.PHONY: help setup doctor test bench bench-tasks bench-processes bench-mechanisms pretrain lincls supervised convert transfer densepose-fixture tasks suite results demo bench-demo clean
 
 # List the targets and the transfer tasks.
 help: $(STAMP)
@@ -71,11 +74,13 @@ bench-tasks: $(STAMP)
 	$(PYTHON) -m tools.bench_tasks --out BENCHMARKS.md $(TASKS)
 
 # MoCo pretraining (DATA=folder; without DATA: the embedded synthetic data, small schedule;
-# NPROC=N: N processes through torchrun, one GPU each, or gloo sharing the CPU's cores).
+# NPROC=N: N processes through torchrun, one GPU each, or gloo sharing the CPU's cores;
+# MECHANISM=end_to_end|memory_bank, MOCHI=N,S,S_PRIME: the paper's other mechanisms, MoCHi).
 pretrain: $(STAMP)
 	$(if $(filter-out 1,$(NPROC)),$(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC),$(PYTHON)) -m pretrain.main_moco $(if $(DATA),--data $(DATA)) $(if $(OUTPUT),--output $(OUTPUT)) \
 	  $(if $(ARCH),--arch $(ARCH)) --version $(VERSION) $(if $(EPOCHS),--epochs $(EPOCHS)) \
-	  $(if $(BATCH_SIZE),--batch-size $(BATCH_SIZE)) $(TRUST_FLAG) $(ARGS)
+	  $(if $(BATCH_SIZE),--batch-size $(BATCH_SIZE)) $(if $(MECHANISM),--mechanism $(MECHANISM)) \
+	  $(if $(MOCHI),--mochi $(MOCHI)) $(TRUST_FLAG) $(ARGS)
 
 # Linear classification on frozen features (DATA=labeled folder, CKPT=pretrained checkpoint).
 lincls: $(STAMP)
@@ -115,13 +120,19 @@ suite: $(STAMP)
 results: $(STAMP)
 	$(PYTHON) -m results --runs $(RUNS) --out $(OUT) $(ARGS)
 
-# The whole pipeline on generated data, on a CPU, in minutes (CONTROL=1: MoCo weights -> random).
+# The whole pipeline on generated data, on a CPU, in minutes (CONTROL=1: MoCo weights -> random;
+# MECHANISMS="moco end_to_end memory_bank mochi": the other mechanisms and MoCHi beside MoCo).
 demo: $(STAMP)
-	$(PYTHON) -m tools.demo $(if $(CONTROL),--control-random-moco) $(VERBOSE_FLAG) $(ARGS)
+	$(PYTHON) -m tools.demo $(if $(CONTROL),--control-random-moco) $(VERBOSE_FLAG) \
+	  $(if $(MECHANISMS),--mechanisms "$(MECHANISMS)") $(ARGS)
 
 # 1 process against N gloo processes on this CPU, and the communication, side by side -> BENCHMARKS.md.
 bench-processes: $(STAMP)
 	$(PYTHON) -m tools.bench_processes --out BENCHMARKS.md $(ARGS)
+
+# s/iter and memory of moco, end-to-end, memory bank and MoCHi side by side -> BENCHMARKS.md.
+bench-mechanisms: $(STAMP)
+	$(PYTHON) -m tools.bench_mechanisms --out BENCHMARKS.md $(ARGS)
 
 # Before/after speed of one demo fine-tuning iteration, side by side -> BENCHMARKS.md.
 bench-demo: $(STAMP)

@@ -119,7 +119,8 @@ def strip_module(state_dict):
 # and transfer): MoCo's query encoder, MoCo v3's base encoder, BYOL's online network, DINO's
 # teacher; the others are listed in the converter's output with the option that takes them.
 FORMATS = [
-    Format("moco", "MoCo v1/v2 (reference code)", "encoder_q.", "MOCO",
+    Format("moco", "MoCo v1/v2 (reference code; make pretrain, every --mechanism)",
+           "encoder_q.", "MOCO",
            encoder="query encoder (what MoCo evaluates)",
            others=(("key encoder", "--prefix encoder_k."),)),
     Format("moco_v3", "MoCo v3 (projector/predictor dropped)", "base_encoder.", "MOCO_V3",

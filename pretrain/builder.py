@@ -72,6 +72,20 @@ def split_bn_norm_layer(num_splits):
     return norm
 
 
+def make_encoder(base_encoder, dim, num_splits=1):
+    """A ResNet with a `dim`-d fc output, its BatchNorm computed on `num_splits` groups of the
+    batch (the processes one process stands for)."""
+    norm = split_bn_norm_layer(num_splits) if num_splits > 1 else nn.BatchNorm2d
+    return base_encoder(num_classes=dim, norm_layer=norm)
+
+
+def add_mlp_head(encoder):
+    """v2: the fc becomes a 2-layer MLP head (hidden-hidden-ReLU-fc)."""
+    hidden = encoder.fc.weight.shape[1]
+    encoder.fc = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), encoder.fc)
+    return encoder
+
+
 class MoCo(nn.Module):
     """
     Args:
@@ -87,14 +101,12 @@ class MoCo(nn.Module):
     def __init__(self, base_encoder, dim=128, K=65536, m=0.999, T=0.07, mlp=False, num_splits=1):
         super().__init__()
         self.K, self.m, self.T = K, m, T
-        norm = split_bn_norm_layer(num_splits) if num_splits > 1 else nn.BatchNorm2d
         self.num_splits = num_splits
-        self.encoder_q = base_encoder(num_classes=dim, norm_layer=norm)
-        self.encoder_k = base_encoder(num_classes=dim, norm_layer=norm)
-        if mlp:
-            for enc in (self.encoder_q, self.encoder_k):
-                hidden = enc.fc.weight.shape[1]
-                enc.fc = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), enc.fc)
+        self.encoder_q = make_encoder(base_encoder, dim, num_splits)
+        self.encoder_k = make_encoder(base_encoder, dim, num_splits)
+        if mlp:  # after both encoders: the reference's order of random draws
+            add_mlp_head(self.encoder_q)
+            add_mlp_head(self.encoder_k)
         for p_q, p_k in zip(self.encoder_q.parameters(), self.encoder_k.parameters()):
             p_k.data.copy_(p_q.data)
             p_k.requires_grad = False
@@ -117,51 +129,23 @@ class MoCo(nn.Module):
         self.queue_ptr[0] = (ptr + batch_size) % self.K
 
     @torch.no_grad()
-    def _batch_shuffle_ddp(self, x, generator=None):
-        """Shuffle the global batch across processes; returns (local shard, undo index)."""
-        batch_size_this = x.shape[0]
-        x_gather = concat_all_gather(x)
-        num_gpus = x_gather.shape[0] // batch_size_this
-        idx_shuffle = torch.randperm(x_gather.shape[0], generator=generator).to(x.device)
-        dist.broadcast(idx_shuffle, src=0)
-        idx_unshuffle = torch.argsort(idx_shuffle)
-        gpu_idx = dist.get_rank()
-        idx_this = idx_shuffle.view(num_gpus, -1)[gpu_idx]
-        return x_gather[idx_this], idx_unshuffle
-
-    @torch.no_grad()
-    def _batch_unshuffle_ddp(self, x, idx_unshuffle):
-        batch_size_this = x.shape[0]
-        x_gather = concat_all_gather(x)
-        num_gpus = x_gather.shape[0] // batch_size_this
-        gpu_idx = dist.get_rank()
-        idx_this = idx_unshuffle.view(num_gpus, -1)[gpu_idx]
-        return x_gather[idx_this]
-
-    def gathered_order(self, batch_size):
-        """Global positions in the order N = num_splits processes' all_gather would list them
-        (rank-major: rank r holds positions r, r + N, ...)."""
-        g = self.num_splits
-        return torch.arange(batch_size).view(batch_size // g, g).t().reshape(-1)
-
-    @torch.no_grad()
     def compute_keys(self, im_k, generator=None):
         if is_distributed():
-            im_k, idx_unshuffle = self._batch_shuffle_ddp(im_k, generator)
+            im_k, idx_unshuffle = batch_shuffle_ddp(im_k, generator)
             k = F.normalize(self.encoder_k(im_k), dim=1)
-            return self._batch_unshuffle_ddp(k, idx_unshuffle)
-        # the permutation rank 0 would draw and broadcast; rank r would encode the gathered
-        # batch's entries idx_shuffle[r * b:(r + 1) * b], which SplitBatchNorm's group r holds
-        # when they are fed at positions r, r + g, ...
-        n, g = im_k.shape[0], self.num_splits
-        idx_shuffle = torch.randperm(n, generator=generator)
-        feed = self.gathered_order(n)[idx_shuffle.view(g, n // g).t().reshape(-1)]
-        feed = feed.to(im_k.device)
+            return batch_unshuffle_ddp(k, idx_unshuffle)
+        feed = shuffled_feed(im_k.shape[0], self.num_splits, generator).to(im_k.device)
         k = F.normalize(self.encoder_k(im_k[feed]), dim=1)
         return k[torch.argsort(feed)]
 
-    def forward(self, im_q, im_k, generator=None):
-        """Returns (logits, labels): logits[:, 0] is the positive, labels are all 0."""
+    def extra_negative_logits(self, q, l_neg, draws=None):
+        """Negatives beyond the queue, as similarities to `q` (MoCHi adds its mixtures)."""
+        return []
+
+    def forward(self, im_q, im_k, generator=None, index=None, draws=None):
+        """Returns (logits, labels): logits[:, 0] is the positive, labels are all 0.
+        `generator` draws the key shuffle; `index` (dataset indices) is not used by MoCo;
+        `draws` is the generator of the random draws of variants (MoCHi)."""
         q = F.normalize(self.encoder_q(im_q), dim=1)
         with torch.no_grad():
             self._momentum_update_key_encoder()
@@ -169,10 +153,11 @@ class MoCo(nn.Module):
         q, k = q.float(), k.float()
         l_pos = torch.einsum("nc,nc->n", q, k).unsqueeze(-1)
         l_neg = torch.einsum("nc,ck->nk", q, self.queue.clone().detach())
-        logits = torch.cat([l_pos, l_neg], dim=1) / self.T
+        extra = self.extra_negative_logits(q, l_neg, draws)
+        logits = torch.cat([l_pos, l_neg, *extra], dim=1) / self.T
         labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
         if not is_distributed():  # in the order N processes' all_gather would enqueue them
-            k = k[self.gathered_order(k.shape[0]).to(k.device)]
+            k = k[gathered_order(k.shape[0], self.num_splits).to(k.device)]
         self._dequeue_and_enqueue(k)
         return logits, labels
 
@@ -189,3 +174,55 @@ def concat_all_gather(tensor):
     out = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
     dist.all_gather(out, tensor.contiguous())
     return torch.cat(out, dim=0)
+
+
+def gathered_order(batch_size, num_splits):
+    """Global positions in the order N = num_splits processes' all_gather would list them
+    (rank-major: rank r holds positions r, r + N, ...)."""
+    return torch.arange(batch_size).view(batch_size // num_splits, num_splits).t().reshape(-1)
+
+
+def shuffled_feed(n, num_splits, generator=None):
+    """One process standing for N = num_splits: the order to feed a batch of `n` keys in so
+    that SplitBatchNorm's group r (positions r, r + N, ...) holds what rank r would encode
+    after the cross-process shuffle: the gathered batch's entries idx_shuffle[r * b:(r + 1) * b]
+    of the permutation rank 0 would draw (from the same generator) and broadcast."""
+    idx_shuffle = torch.randperm(n, generator=generator)
+    return gathered_order(n, num_splits)[idx_shuffle.view(num_splits, n // num_splits).t()
+                                         .reshape(-1)]
+
+
+@torch.no_grad()
+def batch_shuffle_ddp(x, generator=None):
+    """Shuffle the global batch across processes; returns (local shard, undo index)."""
+    batch_size_this = x.shape[0]
+    x_gather = concat_all_gather(x)
+    num_gpus = x_gather.shape[0] // batch_size_this
+    idx_shuffle = torch.randperm(x_gather.shape[0], generator=generator).to(x.device)
+    dist.broadcast(idx_shuffle, src=0)
+    idx_unshuffle = torch.argsort(idx_shuffle)
+    idx_this = idx_shuffle.view(num_gpus, -1)[dist.get_rank()]
+    return x_gather[idx_this], idx_unshuffle
+
+
+@torch.no_grad()
+def batch_unshuffle_ddp(x, idx_unshuffle):
+    batch_size_this = x.shape[0]
+    x_gather = concat_all_gather(x)
+    num_gpus = x_gather.shape[0] // batch_size_this
+    idx_this = idx_unshuffle.view(num_gpus, -1)[dist.get_rank()]
+    return x_gather[idx_this]
+
+
+def process_layout():
+    """(rank, world size) of this process; (0, 1) without torch.distributed."""
+    return (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
+
+
+def local_rows(t):
+    """This process's rows of a tensor drawn for the global batch: rank r holds global
+    positions r, r + N, ... (loader.ResumableSampler); all of them on one process, where the
+    batch is the global batch in its own order. Draws made this way on a generator every
+    process seeds alike are the same whatever the process count."""
+    rank, world = process_layout()
+    return t[rank::world] if world > 1 else t

@@ -1,4 +1,5 @@
-"""MoCo v1/v2 pretraining.
+"""MoCo v1/v2 pretraining, and the paper's other contrastive mechanisms (end-to-end, memory
+bank) and MoCHi on the same stack (--mechanism, --mochi; pretrain/mechanisms.py).
 
 One process (CPU or one GPU):   python -m pretrain.main_moco --data /path/to/imagenet/train
 Several GPUs on one node:       torchrun --nproc_per_node 8 -m pretrain.main_moco --data ...
@@ -9,7 +10,8 @@ Defaults are the paper's recipe (PROTOCOL.md section 1): ResNet-50, K=65536, m=0
 per 256 images (scaled linearly with the batch), wd 1e-4, 200 epochs; v1: T=0.07, steps at 120
 and 160; v2: MLP head, aug+, T=0.2, cosine schedule. Checkpoints are the reference format
 ({epoch, arch, state_dict: module.encoder_q.*, module.encoder_k.*, module.queue,
-module.queue_ptr, optimizer}) plus what an exact resume needs.
+module.queue_ptr, optimizer}) plus what an exact resume needs; every mechanism writes its query
+encoder as module.encoder_q.*, so the converter reads all of them as MoCo.
 """
 import argparse
 import json
@@ -25,9 +27,10 @@ from convert.errors import UserError
 from convert.files import write_json_atomic
 from convert.machine import cpu_count
 from convert.runtime import add_process_flags, program
-from pretrain import engine, feed, loader
-from pretrain.builder import MoCo
+from pretrain import engine, feed, loader, mechanisms
 from pretrain.knn import knn_accuracy
+from pretrain.memory_bank import BANK_MOMENTUM
+from pretrain.mochi import DEFAULT_WARMUP_EPOCHS, parse_setting
 from pretrain.synthetic import generate
 
 logger = logging.getLogger("pretrain")
@@ -44,12 +47,26 @@ EMBEDDED_SUPERVISED_EPOCHS = 15
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser("MoCo pretraining", add_help=True)
+    p = argparse.ArgumentParser("MoCo pretraining", add_help=True,
+                                epilog=mechanisms.help_text(),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="", help="image folder (ImageFolder tree or flat); "
                    "empty: the embedded synthetic dataset with a small schedule")
     p.add_argument("--output", default="", help="run directory (default: runs/pretrain/<name>)")
     p.add_argument("--arch", default=None, help="any torchvision ResNet (default resnet50)")
     p.add_argument("--version", choices=["v1", "v2"], default="v2")
+    p.add_argument("--mechanism", choices=sorted(mechanisms.MECHANISMS), default="moco",
+                   help="the dictionary: moco (queue + momentum encoder), end_to_end (the "
+                        "batch, through the query encoder), memory_bank (one entry per image); "
+                        "see below")
+    p.add_argument("--bank-momentum", type=float, default=BANK_MOMENTUM,
+                   help="memory_bank: w <- normalise(m w + (1 - m) q) (default 0.5, Wu et al.'s "
+                        "code; the MoCo paper gives none)")
+    p.add_argument("--mochi", default="", metavar="N,S,S_PRIME",
+                   help="MoCHi hard negative mixing on MoCo v2 (default off), e.g. 256,512,0")
+    p.add_argument("--mochi-warmup-epochs", type=int, default=DEFAULT_WARMUP_EPOCHS,
+                   help="epochs of plain MoCo before mixing starts (default 10, from a public "
+                        "re-implementation; not printed in the seeds)")
     p.add_argument("--epochs", type=int, default=None, help="default 200")
     p.add_argument("--batch-size", type=int, default=None, help="global batch (default 256)")
     p.add_argument("--lr", type=float, default=None, help="default 0.03 * batch / 256")
@@ -60,7 +77,9 @@ def get_args_parser():
     p.add_argument("--cos", type=int, choices=[0, 1], default=None,
                    help="cosine schedule (default: 1 for v2, 0 for v1)")
     p.add_argument("--moco-dim", type=int, default=128)
-    p.add_argument("--moco-k", type=int, default=None, help="queue size (default 65536)")
+    p.add_argument("--moco-k", type=int, default=None,
+                   help="queue size; memory_bank: negatives per query (default 65536; unused "
+                        "by end_to_end, whose dictionary is the batch)")
     p.add_argument("--moco-m", type=float, default=None, help="default 0.999")
     p.add_argument("--moco-t", type=float, default=None, help="default 0.07 (v1), 0.2 (v2)")
     p.add_argument("--image-size", type=int, default=None, help="crop size (default 224)")
@@ -108,6 +127,14 @@ def resolve_args(args):
     for k, v in base.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    if args.mochi:
+        if args.mechanism != "moco" or args.version != "v2":
+            raise UserError("--mochi builds on MoCo v2: use it with --mechanism moco "
+                            "--version v2")
+        try:
+            parse_setting(args.mochi, args.moco_k)
+        except ValueError as e:
+            raise UserError(str(e)) from None
     v2 = args.version == "v2"
     args.mlp, args.aug_plus = v2, v2
     if args.cos is None:
@@ -117,24 +144,27 @@ def resolve_args(args):
     if args.lr is None:
         args.lr = 0.03 * args.batch_size / 256
     if not args.output:
-        args.output = os.path.join("runs", "pretrain",
-                                   f"moco_{args.version}_{args.arch}" + ("_embedded" * embedded))
+        args.output = os.path.join("runs", "pretrain", f"{mechanisms.run_name(args)}_"
+                                   f"{args.version}_{args.arch}" + ("_embedded" * embedded))
     args.embedded = embedded
     return args
 
 
-def build_model(args, world_size):
+def build_model(args, world_size, num_images):
+    """The --mechanism's model (pretrain/mechanisms.py) for a dataset of `num_images`."""
     arch = getattr(torchvision.models, args.arch, None)
     if arch is None or not args.arch.startswith(("resnet", "wide_resnet", "resnext")):
         raise UserError(f"--arch {args.arch}: not a torchvision ResNet (resnet18, resnet50, "
                         "wide_resnet50_2, resnext50_32x4d, ...)")
     groups = args.shuffle_groups if world_size == 1 else 1
-    return MoCo(arch, args.moco_dim, args.moco_k, args.moco_m, args.moco_t, args.mlp, groups)
+    return mechanisms.build(args, arch, groups, num_images)
 
 
 def train_step(model, criterion, optimizer, scaler, im_q, im_k, device, amp_dtype,
-               channels_last, generator):
-    """One MoCo step: query forward+backward, key forward, queue update (in the model)."""
+               channels_last, generator, index=None, draws=None):
+    """One step: forward (queries, keys, dictionary update, in the model), backward, SGD.
+    `generator` draws the key shuffle, `draws` the mechanism's random draws (memory-bank
+    negatives, MoCHi's mixtures); `index`: the batch's dataset indices (memory bank)."""
     im_q = im_q.to(device, non_blocking=True)
     im_k = im_k.to(device, non_blocking=True)
     if channels_last:
@@ -142,13 +172,15 @@ def train_step(model, criterion, optimizer, scaler, im_q, im_k, device, amp_dtyp
         im_k = im_k.contiguous(memory_format=torch.channels_last)
     with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
                         enabled=amp_dtype is not None):
-        logits, labels = model(im_q, im_k, generator=generator)
+        logits, labels = model(im_q, im_k, generator=generator, index=index, draws=draws)
     loss = criterion(logits.float(), labels)
     engine.optimizer_step(loss, optimizer, scaler)
+    mechanisms.after_step(model)
     return loss, logits, labels
 
 
-def checkpoint_dict(args, model, optimizer, scaler, epoch, iteration, batches_per_epoch, gen):
+def checkpoint_dict(args, model, optimizer, scaler, epoch, iteration, batches_per_epoch, gen,
+                    draws):
     state = model.state_dict()
     if not isinstance(model, nn.parallel.DistributedDataParallel):
         state = {"module." + k: v for k, v in state.items()}  # the reference's DDP key names
@@ -162,6 +194,9 @@ def checkpoint_dict(args, model, optimizer, scaler, epoch, iteration, batches_pe
         "scaler": scaler.state_dict() if scaler is not None else None,
         "rng": engine.rng_state(),
         "shuffle_generator": gen.get_state(),
+        "draw_generator": draws.get_state(),
+        "mechanism": args.mechanism,
+        "mochi": args.mochi,
         "config": json.loads(json.dumps(vars(args), default=str)),  # plain data (safe_load)
         "format": "moco-transfer-moco",
     }
@@ -189,21 +224,22 @@ def main(args):
     per_rank_batch = args.batch_size // world
     torch.manual_seed(args.seed + rank)
 
-    model = build_model(args, world).to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if world > 1:
-        model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[local_rank] if device.type == "cuda" else None)
-    optimizer = torch.optim.SGD(model.parameters(), args.lr, momentum=args.momentum,
-                                weight_decay=args.wd)
-    scaler = engine.make_scaler(use_scaler, device)
-    gen = torch.Generator().manual_seed(args.seed * 31 + rank)  # key-batch shuffles
-
     dataset, finish = feed.pipeline(args.data, "v2" if args.aug_plus else "v1",
                                     args.image_size, args.seed, args.augment_on, device)
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))  # processes on this machine
     data_settings = feed.loader_settings(device, args.workers, cpu_count() // local_world)
+
+    model = build_model(args, world, len(dataset)).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if world > 1:
+        model = mechanisms.wrap_ddp(model, [local_rank] if device.type == "cuda" else None)
+    optimizer = torch.optim.SGD(model.parameters(), args.lr, momentum=args.momentum,
+                                weight_decay=args.wd)
+    scaler = engine.make_scaler(use_scaler, device)
+    gen = torch.Generator().manual_seed(args.seed * 31 + rank)  # key-batch shuffles
+    # the mechanism's draws (memory-bank negatives, MoCHi): seeded alike on every process
+    draws = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + 17)
     sampler = loader.ResumableSampler(len(dataset), per_rank_batch, args.seed, rank, world)
     bpe = sampler.batches_per_epoch
     total_iters = bpe * args.epochs
@@ -216,12 +252,18 @@ def main(args):
     else:
         resume, ckpt = engine.load_latest_readable(args.output, args.trust_checkpoint)
     if resume:
+        if ckpt.get("mechanism", "moco") != args.mechanism:
+            raise UserError(f"{resume} was trained with --mechanism "
+                            f"{ckpt.get('mechanism', 'moco')}, not {args.mechanism}: use "
+                            "another --output, or the same mechanism")
         load_state(model, ckpt["state_dict"])
         optimizer.load_state_dict(ckpt["optimizer"])
         if scaler is not None and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         engine.set_rng_state(ckpt["rng"])
         gen.set_state(ckpt["shuffle_generator"])
+        if ckpt.get("draw_generator") is not None:
+            draws.set_state(ckpt["draw_generator"])
         start_iter = ckpt.get("iteration", ckpt["epoch"] * bpe)
         logger.info("resumed from %s at iteration %d (epoch %d)", resume, start_iter,
                     start_iter // bpe)
@@ -231,11 +273,14 @@ def main(args):
                      "per_process_batch": per_rank_batch,
                      "precision": precision, "channels_last": channels_last,
                      "device": str(device), "images": len(dataset), "iters_per_epoch": bpe,
-                     "total_iters": total_iters, "git_sha": engine.git_sha()}
+                     "total_iters": total_iters, "git_sha": engine.git_sha(),
+                     "dictionary": mechanisms.MECHANISMS[args.mechanism].dictionary(
+                         args, len(dataset))}
         if args.embedded:
             logger.info("no --data given: running on the EMBEDDED synthetic dataset with a "
                         "small schedule (a demonstration, not the paper's recipe)")
-        logger.info("MoCo %s pretraining, resolved settings:\n%s", args.version,
+        logger.info("%s (%s) pretraining, resolved settings:\n%s", mechanisms.run_name(args),
+                    args.version,
                     "\n".join(f"  {k:>18}: {v}" for k, v in sorted(effective.items())))
         write_json_atomic(effective, os.path.join(args.output, "config.json"), indent=1,
                           default=str)
@@ -254,10 +299,16 @@ def main(args):
         lr = engine.adjust_learning_rate(optimizer, args.lr, epoch, args.epochs, args.cos,
                                          args.schedule)
         sampler.set_epoch(epoch, start_batch)  # the epoch travels with each index to the workers
-        for views, _ in data:
+        mechanisms.set_epoch(model, epoch)
+        # the batches' dataset indices (the memory bank's entries): the sampler's (epoch, index)
+        # pairs, cut as the loader cuts them
+        batches = torch.utils.data.BatchSampler(sampler, per_rank_batch, drop_last=True)
+        for (views, _), batch in zip(data, batches):
             im_q, im_k = (finish(v) for v in views)  # float32, before the model's autocast
+            index = torch.tensor([i for _, i in batch])
             loss, logits, labels = train_step(model, criterion, optimizer, scaler, im_q, im_k,
-                                              device, amp_dtype, channels_last, gen)
+                                              device, amp_dtype, channels_last, gen, index,
+                                              draws)
             acc1, acc5 = engine.accuracy(logits, labels, topk=(1, 5))
             if progress.logs(it):  # the global batch's loss and accuracy (equal shares)
                 loss_all, acc1, acc5 = engine.mean_over_processes([loss.item(), acc1, acc5])
@@ -269,7 +320,8 @@ def main(args):
             end_of_epoch = it % bpe == 0
             if rank == 0 and (end_of_epoch or it == total_iters or
                               (args.save_every_iters and it % args.save_every_iters == 0)):
-                ckpt = checkpoint_dict(args, model, optimizer, scaler, it // bpe, it, bpe, gen)
+                ckpt = checkpoint_dict(args, model, optimizer, scaler, it // bpe, it, bpe, gen,
+                                       draws)
                 engine.save_atomic(ckpt, os.path.join(args.output, "checkpoint_last.pth.tar"))
                 if end_of_epoch and ((it // bpe) % args.save_freq == 0 or it == total_iters):
                     engine.save_atomic(ckpt, os.path.join(

@@ -11,7 +11,8 @@ import numpy as np  # noqa: E402
 
 from convert.files import write_text_atomic  # noqa: E402
 from results.collect import long_metrics, metrics_records  # noqa: E402
-from results.tables import REFERENCE_WEIGHTS  # noqa: E402
+from results.paper_numbers import LINEAR_TOP1  # noqa: E402
+from results.tables import REFERENCE_WEIGHTS, format_reference  # noqa: E402
 
 
 def slug(text):
@@ -23,6 +24,19 @@ def table_markdown(table, decimals):
     body = frame.to_markdown() if len(frame) else "(no runs)"
     return f"## {table.title} ({table.scale})\n\n{body}\n\n" + \
         "".join(f"- {line}\n" for line in table.notes())
+
+
+def linear_reference_markdown():
+    """The published ImageNet linear top-1 numbers (PROTOCOL.md section 7), one table per
+    evaluation: a reference beside the transfer tables (the harness runs no linear table)."""
+    parts = ["## Published ImageNet linear classification top-1 (reference)\n",
+             "Mean ± std where the source prints one; '-': failed to train. Not measured "
+             "here: `make lincls` evaluates one checkpoint at a time.\n"]
+    for evaluation, rows in LINEAR_TOP1.items():
+        parts.append(f"### {evaluation}\n\n| | top-1 (%) |\n|---|---|")
+        parts += [f"| {label} | {format_reference(v)} |" for label, v in rows.items()]
+        parts.append("")
+    return "\n".join(parts) + "\n"
 
 
 def loss_curves(runs, task, scale, path):
@@ -117,6 +131,11 @@ def write_report(runs, tables, out_dir, decimals=1):
             if loss_curves(runs, task, table.scale, curve):
                 html_parts.append(f"<img src='plots/{os.path.basename(curve)}'>")
                 written.append(curve)
+    linear = linear_reference_markdown()
+    linear_path = os.path.join(out_dir, "paper_linear_top1.md")
+    write_text_atomic(linear, linear_path)
+    written.append(linear_path)
+    html_parts.append("<pre>" + html.escape(linear) + "</pre>")
     raw = long_metrics(runs)
     raw_path = os.path.join(out_dir, "runs.csv")
     write_text_atomic(raw.to_csv(index=False), raw_path)

@@ -4,7 +4,10 @@ Statistics, stated under every table:
 - std is the sample standard deviation over seeds (ddof=1); a cell of one run shows no std;
 - the delta of a row is its mean minus the supervised row's mean, e.g. "55.9 (+2.4)";
 - "*" marks a delta significant at p < 0.05 under Welch's two-sided t-test over seeds
-  (needs at least 2 complete seeds on both rows; otherwise no mark can be given).
+  (needs at least 2 complete seeds on both rows; otherwise no mark can be given);
+- under the table, each row's p-values against random init and against supervised, per column.
+A table holds any number of pretraining methods: one row per weights name
+(`--weights "moco_v2=a.pkl mochi_256_512_0=b.pkl supervised random"`).
 Runs are averaged only with runs of the same task, scale and protocol (schedule, global batch,
 lr, norm, input sizes, deviations; not the process count, which does not change the protocol); runs that did not complete are listed under the table with the reason.
 """
@@ -16,10 +19,11 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from results.paper_numbers import PAPER
+from results.paper_numbers import paper_rows
 
 SIGNIFICANCE_LEVEL = 0.05
 REFERENCE_WEIGHTS = "supervised"
+BASELINES = ("random", "supervised")  # every other row is tested against both
 ROW_ORDER = {"random": 0, "supervised": 1}
 ROW_LABEL = {"random": "random init", "supervised": "supervised"}
 
@@ -65,6 +69,15 @@ def format_cell(stat, ref=None, decimals=1):
     return text
 
 
+def format_reference(value):
+    """A published number: '-' (not given), '55.9', or '81.1 ± 0.1' (mean ± std over runs)."""
+    if value is None:
+        return "-"
+    if isinstance(value, tuple):
+        return f"{value[0]:.1f} ± {value[1]:.1f}"
+    return f"{value:.1f}"
+
+
 def describe_protocol(task, protocol_json):
     p = json.loads(protocol_json or "{}")
     if not p:
@@ -105,8 +118,7 @@ class Table:
                     self.stats.get((w, task, metric)), ref, decimals)
             rows[ROW_LABEL.get(w, w)] = cells
         for label, values in self.reference_rows.items():
-            rows[label] = {self.column_label(t, m): ("-" if values.get((t, m)) is None
-                                                     else f"{values[(t, m)]:.1f}")
+            rows[label] = {self.column_label(t, m): format_reference(values.get((t, m)))
                            for t, m in self.columns}
         return pd.DataFrame.from_dict(rows, orient="index")
 
@@ -114,11 +126,35 @@ class Table:
         lines = ["Protocol: " + describe_protocol(t, p) for t, p in self.protocols.items()]
         lines.append("Cells: mean ± sample std (ddof=1) over seeds (n); (+d) = delta to the "
                      "supervised row; * = Welch two-sided t-test p < 0.05 over seeds.")
+        lines += self.pvalue_lines()
         if self.scale != "full":
             lines.append(f"Scale '{self.scale}': NOT the paper's protocol; paper rows omitted.")
         for e in self.excluded:
             lines.append(f"Not in the means: {e['task']} / {e['weights']} / seed {e['seed']}: "
                          f"{e['state']}" + (f" ({e['reason']})" if e["reason"] else ""))
+        return lines
+
+
+    def pvalue_lines(self):
+        """Per column, one line: each row's Welch two-sided p-value against random init and
+        against supervised (the pair supervised / random once); rows without 2 complete
+        seeds on both sides are left out."""
+        lines = []
+        for task, metric in self.columns:
+            parts = []
+            for w in self.weights:
+                tests = []
+                # random: none (supervised's line holds the pair); supervised: random; others both
+                for base in (BASELINES[:BASELINES.index(w)] if w in BASELINES else BASELINES):
+                    a, b = self.stats.get((w, task, metric)), self.stats.get((base, task, metric))
+                    p = welch_p(a.values, b.values) if a and b else None
+                    if p is not None:
+                        tests.append(f"{ROW_LABEL.get(base, base)} p = {p:.3g}")
+                if tests:
+                    parts.append(f"{ROW_LABEL.get(w, w)} vs " + ", ".join(tests))
+            if parts:
+                lines.append(f"p-values (Welch, two-sided, over seeds), "
+                             f"{self.column_label(task, metric)}: " + "; ".join(parts))
         return lines
 
 
@@ -164,7 +200,7 @@ def _one_table(title, scale, runs, protocols):
     reference = {}
     if scale == "full":
         for task in sorted(runs["task"].unique()):
-            for label, values in PAPER.get(task, {}).items():
+            for label, values in paper_rows(task).items():
                 for metric, value in values.items():
                     if (task, metric) in columns:
                         reference.setdefault(label, {})[(task, metric)] = value

@@ -409,6 +409,27 @@ def test_pretraining_on_two_processes_equals_one_process_with_two_shuffle_groups
     assert (config["world_size"], config["per_process_batch"]) == (2, 8)
 
 
+# The other mechanisms (pretrain/mechanisms.py) on the same layouts: end-to-end's keys carry
+# gradients across the processes, the memory bank's draws and updates and MoCHi's mixtures are
+# made for the global batch. The one-process run uses 1 thread, as each of the 2 processes
+# does: end-to-end, whose keys are back-propagated, moves by 8e-5 at the third iteration from
+# the thread count alone (measured: 1 thread against 2 on one process), and by <= 2e-6 from
+# the process layout (measured; memory bank 2e-6, MoCHi 3e-7).
+@pytest.mark.parametrize("mechanism", [["--mechanism", "end_to_end"],
+                                       ["--mechanism", "memory_bank"],
+                                       ["--mochi", "16,8,4", "--mochi-warmup-epochs", "0"]],
+                         ids=["end_to_end", "memory_bank", "mochi"])
+def test_pretraining_mechanisms_on_two_processes_equal_one_process(mechanism, images, tmp_path):
+    env, log = dict(os.environ, PYTHONUNBUFFERED="1"), str(tmp_path / "log.txt")
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    finish(pretrain_cmd(images, one, 1, "--shuffle-groups", "2", "--threads", "1",
+                        "--max-iters", "3", *mechanism), env, log)
+    finish(pretrain_cmd(images, two, 2, "--max-iters", "3", *mechanism), env, log)
+    losses_one, losses_two = pretrain_losses(one), pretrain_losses(two)
+    assert len(losses_one) == len(losses_two) == 3
+    assert relative(losses_one, losses_two).max() < LOSS_RTOL
+
+
 def test_pretraining_on_two_processes_killed_resumes_bit_identical_in_the_same_format(
         pretrained, images, tmp_path):
     """torchrun with 2 processes, SIGKILLed (the whole group) after its checkpoint of iteration

@@ -15,7 +15,7 @@ from PIL import Image
 
 from convert import safe_load
 from pretrain import main_moco
-from pretrain.builder import MoCo, SplitBatchNorm
+from pretrain.builder import MoCo, SplitBatchNorm, batch_shuffle_ddp, batch_unshuffle_ddp
 
 
 def small_moco(K=16, num_splits=1, mlp=False, T=0.2, dim=8):
@@ -152,11 +152,9 @@ def test_split_batchnorm_equals_per_group_batchnorm(channels_last):
 def _ddp_roundtrip(rank, world, port, results):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    torch.manual_seed(0)
-    model = MoCo(torchvision.models.resnet18, dim=4, K=8)
     x = torch.arange(4, dtype=torch.float32).view(4, 1) + 10 * rank
-    shard, undo = model._batch_shuffle_ddp(x, torch.Generator().manual_seed(5))
-    back = model._batch_unshuffle_ddp(shard, undo)
+    shard, undo = batch_shuffle_ddp(x, torch.Generator().manual_seed(5))
+    back = batch_unshuffle_ddp(shard, undo)
     results[rank] = (x.tolist(), back.tolist(), shard.tolist())
     dist.destroy_process_group()
 

@@ -3,6 +3,7 @@ suite planner, and one real smoke suite end to end."""
 import json
 import os
 
+import numpy as np
 import pytest
 
 from results.__main__ import main as results_main
@@ -109,6 +110,8 @@ def test_make_results_writes_every_format(tree, tmp_path):
     raw = open(os.path.join(out, "runs.csv")).read()
     assert "moco,1,bbox/AP50,84.0" in raw
     assert os.path.exists(os.path.join(out, "plots", "voc_frcnn_c4_24k_full_loss.png"))
+    linear = open(os.path.join(out, "paper_linear_top1.md")).read()  # the published reference
+    assert "| MoCHi (256, 512, 0) 200ep | 67.7 |" in linear and "| m=0 | - |" in linear
 
 
 def test_suite_planner_skip_resume_start_and_dry_run(tree, capsys):
@@ -200,3 +203,39 @@ def test_suite_jobs_runs_n_at_a_time_each_with_its_share_of_the_cores(tmp_path, 
         assert at_once == 2, spans  # two at a time, never three
     assert [s.threads for s in suite.local_slots(1, 1)] == [4]
     assert [s.threads for s in suite.local_slots(3, 1, threads=12)] == [4, 4, 4]
+
+
+def test_a_table_holds_several_methods_each_with_p_values_against_both_baselines(tmp_path):
+    """Rows named by the weights (--weights "moco_v2=a.pkl mochi_256_512_0=b.pkl supervised
+    random"), each with its delta to supervised, its p-values against random init and
+    supervised (Welch written out), and MoCHi's published VOC rows beside the MoCo paper's."""
+    from scipy.stats import t as student_t
+
+    root = str(tmp_path / "runs")
+    values = {"random": [60.0, 62.0, 61.0], "supervised": [80.0, 81.0, 82.0],
+              "moco_v2": [82.0, 83.0, 83.5], "mochi_256_512_0": [83.0, 84.5, 84.0]}
+    for w, vs in values.items():
+        for seed, v in enumerate(vs):
+            write_run(root, w, seed, m(v, v - 25, v - 20))
+    table, = build_tables(collect(root))
+    frame = table.frame()
+    assert list(frame.index[:4]) == ["random init", "supervised", "mochi_256_512_0", "moco_v2"]
+    assert frame.loc["mochi_256_512_0", "bbox/AP50"] == "83.8 ± 0.8 (3) (+2.8*)"
+
+    def welch(a, b):  # written out: t, Welch-Satterthwaite df, two-sided p
+        va, vb = np.var(a, ddof=1) / len(a), np.var(b, ddof=1) / len(b)
+        t = (np.mean(a) - np.mean(b)) / (va + vb) ** 0.5
+        df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+        return 2 * student_t.sf(abs(t), df)
+
+    line = next(n for n in table.notes() if n.startswith("p-values") and "bbox/AP50" in n)
+    for w in ("moco_v2", "mochi_256_512_0"):
+        assert (f"{w} vs random init p = {welch(values[w], values['random']):.3g}, supervised "
+                f"p = {welch(values[w], values['supervised']):.3g}") in line
+    sup = welch(values["supervised"], values["random"])
+    assert f"supervised vs random init p = {sup:.3g}" in line
+    assert line.count("p = ") == 5  # 2 methods x 2 baselines + supervised/random once
+    # the published rows on this task: the MoCo paper's, then MoCHi's with epochs and (N, s, s')
+    assert frame.loc["paper: MoCo v2 200ep", "bbox/AP50"] == "82.4"
+    assert frame.loc["paper (MoCHi): MoCHi (256, 512, 0) 200ep", "bbox/AP50"] == "82.8 ± 0.2"
+    assert frame.loc["paper (MoCHi): MoCo-v2 (reproduced) 100ep", "bbox/AP75"] == "59.1 ± 0.3"

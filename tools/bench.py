@@ -5,7 +5,8 @@ Results are appended to one Markdown file (default BENCHMARKS.md) under a headin
 machine (CPU model, cores, GPU, torch version), so figures from different machines never mix.
 
     python -m tools.bench [--out BENCHMARKS.md]
-        [--only pretrain,data,augment,harness,convert,results]
+    python -m tools.bench [--out BENCHMARKS.md]
+        [--only pretrain,mechanisms,data,augment,harness,convert,results]
     python -m tools.bench --only coco_eval [--eval-images 2000]   # COCO evaluation speed
 (coco_eval: 2000 images by default, as pycocotools needs about 7 minutes for COCO val's 5000 on
 a 2-core machine; `--eval-images 5000` for the full size.)
@@ -34,6 +35,7 @@ from results.__main__ import main as results_main
 from transfer.datasets import dataset_root
 from transfer.fast_eval import FasterCOCOeval
 from tools import bench_augment
+from tools.bench_mechanisms import section as mechanisms_section
 from tools.benchmarking import machine, publish
 
 
@@ -199,7 +201,8 @@ def bench_results(lines, seeds=5):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="BENCHMARKS.md")
-    p.add_argument("--only", default="pretrain,data,augment,harness,convert,results,coco_eval")
+    p.add_argument("--only",
+                   default="pretrain,mechanisms,data,augment,harness,convert,results,coco_eval")
     p.add_argument("--steps", type=int, default=6, help="timed MoCo steps per variant")
     p.add_argument("--harness-iters", type=int, default=20)
     p.add_argument("--eval-images", type=int, default=2000,
@@ -212,6 +215,8 @@ def main(argv=None):
              f"`python -m tools.bench --only {args.only}`.", ""]
     if "pretrain" in which:
         bench_pretrain(lines, args.steps)
+    if "mechanisms" in which:  # moco, end-to-end, memory bank, MoCHi: tools/bench_mechanisms.py
+        lines += mechanisms_section(4, 32 if not torch.cuda.is_available() else 64, 8)
     if "data" in which:
         bench_data(lines)
     if "augment" in which:  # the split augmentation against the PIL path (tools/bench_augment)

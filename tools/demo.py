@@ -9,6 +9,7 @@ results tables (mean +- std, deltas, Welch p-values) + report.
 
     python -m tools.demo [--out demo_out] [--seeds 3] [--iters N] [--epochs N] [--small] [-v]
     python -m tools.demo --control-random-moco   # the control: MoCo weights replaced by random
+    python -m tools.demo --mechanisms "moco end_to_end memory_bank mochi"  # demo_mechanisms.py
 
 The console shows one progress bar per stage; every log goes to files under --out (`-v`, or
 `make demo V=1`, prints them instead). Whatever the numbers are, the table reports them
@@ -36,6 +37,7 @@ from pretrain import engine, main_moco, main_supervised, synthetic
 from results.__main__ import main as results_main
 from results.collect import collect
 from results.tables import welch_p
+from tools.demo_mechanisms import convert_all, parse_mechanisms, pretrain_mechanisms
 from tools.suite import main as suite_main
 from transfer.config import load_task_config
 from transfer.console import Console, console_flags, quiet_stdout
@@ -102,6 +104,8 @@ def get_parser():
     p.add_argument("--small", action="store_true", help="a much smaller run (CI)")
     p.add_argument("--control-random-moco", action="store_true",
                    help="replace the converted MoCo weights by random init in the same format")
+    p.add_argument("--mechanisms", default="moco",
+                   help="also pretrain and compare these (end_to_end memory_bank mochi)")
     p.add_argument("-v", "--verbose", action="store_true",
                    help="full logs on the terminal (default: one progress bar per stage)")
     add_process_flags(p)  # also given to the programs the demo starts
@@ -113,6 +117,7 @@ def main(argv=None):
 
 
 def run(args):
+    mechanisms = parse_mechanisms(args.mechanisms)
     console = Console(quiet=not args.verbose)
     quiet = console.quiet
     t0, c0 = time.time(), os.times()
@@ -138,6 +143,8 @@ def run(args):
     say(f"2/6 MoCo v2 pretraining: {moco_args.arch}, {moco_args.image_size} px, "
         f"{moco_args.epochs} epochs (log: {moco_args.output}/log.txt)")
     moco_ckpt = main_moco.main(moco_args)
+    other_ckpts = ({} if args.control_random_moco
+                   else pretrain_mechanisms(mechanisms, moco_args, say))
 
     sup_args = main_supervised.get_args_parser().parse_args(
         ["--data", os.path.join(root, "labeled"), "--output",
@@ -171,6 +178,8 @@ def run(args):
         say("4/6 converting both checkpoints to detectron2's format")
     for src, dst in ((moco_src, moco_pkl), (sup_ckpt, sup_pkl)):
         convert(src, dst, os.path.join(logs, "convert.txt"))
+    other_weights = convert_all(other_ckpts, weights_dir, lambda src, dst: convert(
+        src, dst, os.path.join(logs, "convert.txt")))
 
     iters = SMALL["iters"] if args.small else (args.iters or FINETUNE["iters"])
     # on a CPU, two runs side by side with half the cores each (BENCHMARKS.md)
@@ -181,7 +190,8 @@ def run(args):
 
     rc = suite_main(["--tasks", DEMO_TASK, "--jobs", str(jobs),
                      # MoCo and random first: the comparison the demo is about
-                     "--weights", f"moco={moco_pkl} random supervised={sup_pkl}",
+                     "--weights", " ".join([f"moco={moco_pkl}", *other_weights,
+                                            f"random supervised={sup_pkl}"]),
                      "--seeds", str(args.seeds), "--scale", "smoke", "--runs", runs,
                      *console_flags(console), "--omp-wait-policy", args.omp_wait_policy,
                      "SOLVER.MAX_ITER", str(iters),
