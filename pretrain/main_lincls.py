@@ -14,6 +14,7 @@ import torchvision
 
 from convert import safe_load
 from convert.errors import UserError
+from convert.logs import restores_logging
 from convert.runtime import add_process_flags, program
 from pretrain import classify
 
@@ -60,6 +61,7 @@ def load_query_encoder(path, arch=None, num_classes=1000, trust=False):
     return model, arch
 
 
+@restores_logging
 def main(args):
     if not args.output:
         args.output = os.path.join(os.path.dirname(os.path.abspath(args.pretrained)), "lincls")

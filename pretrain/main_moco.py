@@ -25,6 +25,7 @@ import torchvision
 from convert import safe_load
 from convert.errors import UserError
 from convert.files import write_json_atomic
+from convert.logs import restores_logging
 from convert.machine import cpu_count
 from convert.runtime import add_process_flags, program
 from pretrain import engine, feed, loader, mechanisms
@@ -208,6 +209,7 @@ def load_state(model, state_dict):
     model.load_state_dict(state_dict)
 
 
+@restores_logging
 def main(args):
     args = resolve_args(args)
     rank, world, local_rank = engine.init_distributed(args.threads)

@@ -13,6 +13,7 @@ import os
 import torchvision
 
 from convert import safe_load
+from convert.logs import restores_logging
 from convert.runtime import add_process_flags, program
 from pretrain import classify
 from pretrain.main_moco import EMBEDDED_DEFAULTS
@@ -43,6 +44,7 @@ def get_args_parser():
     return add_process_flags(p)
 
 
+@restores_logging
 def main(args):
     embedded = not args.data
     base = dict(arch="resnet50", epochs=200, batch_size=256, image_size=224, precision="auto")

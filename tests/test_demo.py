@@ -1,6 +1,7 @@
 """The embedded default end to end, at an even smaller size than `make demo` (CI covers it)."""
 import hashlib
 import json
+import logging
 import os
 import pickle
 
@@ -14,8 +15,12 @@ def test_demo_pipeline_small(tmp_path, monkeypatch, capsys):
 
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "demo_out"
+    root_handlers = list(logging.getLogger().handlers)
     assert demo.main(["--out", str(out), "--small", "--seeds", "2"]) == 0
     console = capsys.readouterr()
+    # the programs it ran in this process took their logging with them: no handler left
+    # writing into the run folders (a later test's log line found one closed, file gone)
+    assert logging.getLogger().handlers == root_handlers
     # the quiet console: stage lines, the table and the p-values; the logs went to files
     assert len(console.out.splitlines()) < 100, console.out
     assert "Welch two-sided p-values over seeds, bbox/AP50 (the task's main metric)" in console.out

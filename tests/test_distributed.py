@@ -412,9 +412,14 @@ def test_pretraining_on_two_processes_equals_one_process_with_two_shuffle_groups
 # The other mechanisms (pretrain/mechanisms.py) on the same layouts: end-to-end's keys carry
 # gradients across the processes, the memory bank's draws and updates and MoCHi's mixtures are
 # made for the global batch. The one-process run uses 1 thread, as each of the 2 processes
-# does: end-to-end, whose keys are back-propagated, moves by 8e-5 at the third iteration from
-# the thread count alone (measured: 1 thread against 2 on one process), and by <= 2e-6 from
-# the process layout (measured; memory bank 2e-6, MoCHi 3e-7).
+# does. Memory bank and MoCHi agree over 3 iterations (measured 2e-6 and 3e-7). End-to-end,
+# whose 16-image dictionary is back-propagated through both crops, amplifies float noise from
+# its second update on: on one process, 1 thread against 2 moves its third loss by 8e-5 and its
+# fourth by 2e-3 (PIL augmentation; with the device's, 2 processes against 1 differ by 1.8e-4 at
+# the third), so it is compared over its first 2 iterations, the second of which is computed
+# after a whole update through the gathered keys' gradients (a wrong sum or scale in that
+# backward moves it by far more than 1e-5: without the all_reduce, by 3e-2, measured).
+E2E_COMPARED_ITERATIONS = 2
 @pytest.mark.parametrize("mechanism", [["--mechanism", "end_to_end"],
                                        ["--mechanism", "memory_bank"],
                                        ["--mochi", "16,8,4", "--mochi-warmup-epochs", "0"]],
@@ -427,7 +432,8 @@ def test_pretraining_mechanisms_on_two_processes_equal_one_process(mechanism, im
     finish(pretrain_cmd(images, two, 2, "--max-iters", "3", *mechanism), env, log)
     losses_one, losses_two = pretrain_losses(one), pretrain_losses(two)
     assert len(losses_one) == len(losses_two) == 3
-    assert relative(losses_one, losses_two).max() < LOSS_RTOL
+    n = E2E_COMPARED_ITERATIONS if "end_to_end" in mechanism else 3
+    assert relative(losses_one[:n], losses_two[:n]).max() < LOSS_RTOL
 
 
 def test_pretraining_on_two_processes_killed_resumes_bit_identical_in_the_same_format(

@@ -4,10 +4,10 @@ low-data detection task, several seeds each, compared with Welch's t-test.
 
 generate data -> MoCo v2 pretraining (unlabelled scenes) -> supervised baseline (labelled
 crops, same budget) -> convert both -> fine-tune Faster R-CNN R18-FPN on a few labelled scenes
-(synthetic_frcnn_fpn_1k at smoke scale: MoCo / supervised / random init x 3 seeds) ->
+(synthetic_frcnn_fpn_1k at smoke scale: MoCo / supervised / random init x 5 seeds) ->
 results tables (mean +- std, deltas, Welch p-values) + report.
 
-    python -m tools.demo [--out demo_out] [--seeds 3] [--iters N] [--epochs N] [--small] [-v]
+    python -m tools.demo [--out demo_out] [--seeds 5] [--iters N] [--epochs N] [--small] [-v]
     python -m tools.demo --control-random-moco   # the control: MoCo weights replaced by random
     python -m tools.demo --mechanisms "moco end_to_end memory_bank mochi"  # demo_mechanisms.py
 
@@ -98,7 +98,8 @@ def convert(src, dst, log_path):
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="demo_out")
-    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--seeds", type=int, default=5,
+                   help="fine-tuning seeds per arm (5: what fits 10 minutes on 2 cores)")
     p.add_argument("--iters", type=int, default=None, help="fine-tuning iterations per run")
     p.add_argument("--epochs", type=int, default=None, help="MoCo pretraining epochs")
     p.add_argument("--small", action="store_true", help="a much smaller run (CI)")
