@@ -11,7 +11,8 @@ DATA       ?=
 NPROC      ?= 1
 OUTPUT     ?=
 ARCH       ?=
-VERSION    ?= v2
+# v1 | v2 (empty: v2; v1 on the embedded data, without DATA)
+VERSION    ?=
 # moco | end_to_end | memory_bank (--mechanism); MOCHI=N,S,S_PRIME: MoCHi on MoCo v2
 MECHANISM  ?=
 MOCHI      ?=
@@ -78,7 +79,7 @@ bench-tasks: $(STAMP)
 # MECHANISM=end_to_end|memory_bank, MOCHI=N,S,S_PRIME: the paper's other mechanisms, MoCHi).
 pretrain: $(STAMP)
 	$(if $(filter-out 1,$(NPROC)),$(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC),$(PYTHON)) -m pretrain.main_moco $(if $(DATA),--data $(DATA)) $(if $(OUTPUT),--output $(OUTPUT)) \
-	  $(if $(ARCH),--arch $(ARCH)) --version $(VERSION) $(if $(EPOCHS),--epochs $(EPOCHS)) \
+	  $(if $(ARCH),--arch $(ARCH)) $(if $(VERSION),--version $(VERSION)) $(if $(EPOCHS),--epochs $(EPOCHS)) \
 	  $(if $(BATCH_SIZE),--batch-size $(BATCH_SIZE)) $(if $(MECHANISM),--mechanism $(MECHANISM)) \
 	  $(if $(MOCHI),--mochi $(MOCHI)) $(TRUST_FLAG) $(ARGS)
 

@@ -23,11 +23,14 @@ CLASSES = ["disc", "square", "triangle", "star"]
 KEYPOINT_CLASS = "square"
 KEYPOINT_NAMES = ["top_left", "top_right", "bottom_right", "bottom_left"]
 KEYPOINT_FLIP_MAP = [("top_left", "top_right"), ("bottom_left", "bottom_right")]
-VERSION = 3  # bump when the generator changes: invalidates caches
-# Each class has its own shape and its own fill pattern (colours, scale and orientation are
-# drawn per object): what tells two objects apart is then partly their class, which is what
-# instance discrimination can pick up without labels.
+VERSION = 4  # bump when the generator changes: invalidates caches
+# Each class has its own shape and its own fill pattern, at the class's own scale and
+# orientation (the object's size, position, rotation and colours are drawn per object). With the
+# pattern's orientation and scale drawn per object (VERSION 3), instance discrimination told
+# images apart by them, and the features it learnt sorted the classes worse than a random
+# network's (kNN, README's "what varies").
 PATTERNS = {"disc": "stripes", "square": "checker", "triangle": "dots", "star": "rings"}
+PATTERN_PERIOD, PATTERN_ANGLE = 1.5, 0.3  # pixels per radian of the pattern's phase; radians
 # Backgrounds are low-contrast (the texture blended into grey) and objects are dark/light with a
 # slight tint: what tells two images apart is then mostly their object's shape and pattern, not
 # colour, so contrastive pretraining (MoCo's instance discrimination) has to learn those.
@@ -77,7 +80,7 @@ def _paint_object(img, rng, cls, poly):
     c2 = np.clip(rng.integers(166, 256) + tint, 0, 255)
     yy, xx = np.mgrid[0:h, 0:w]
     cx, cy = sum(p[0] for p in poly) / len(poly), sum(p[1] for p in poly) / len(poly)
-    on = _pattern(PATTERNS[cls], xx, yy, cx, cy, rng.uniform(1.0, 2.0), rng.uniform(0, math.pi))
+    on = _pattern(PATTERNS[cls], xx, yy, cx, cy, PATTERN_PERIOD, PATTERN_ANGLE)
     fill = np.where(on[..., None], c1, c2).astype(np.uint8)
     img.paste(Image.fromarray(fill), (0, 0), mask)
     return mask

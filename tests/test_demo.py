@@ -16,7 +16,8 @@ def test_demo_pipeline_small(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "demo_out"
     root_handlers = list(logging.getLogger().handlers)
-    assert demo.main(["--out", str(out), "--small", "--seeds", "2"]) == 0
+    assert demo.main(["--out", str(out), "--small", "--seeds", "2",
+                      "--supervised-seeds", "1"]) == 0
     console = capsys.readouterr()
     # the programs it ran in this process took their logging with them: no handler left
     # writing into the run folders (a later test's log line found one closed, file gone)
@@ -27,8 +28,7 @@ def test_demo_pipeline_small(tmp_path, monkeypatch, capsys):
     assert "p-values over seeds, bbox/AP:" in console.out
     assert "| moco" in console.out and "GeneralizedRCNN(" not in console.out
     runs = collect(str(out / "runs"))
-    assert sorted(runs["weights"]) == ["moco", "moco", "random", "random",
-                                       "supervised", "supervised"]
+    assert sorted(runs["weights"]) == ["moco", "moco", "random", "random", "supervised"]
     assert set(runs["state"]) == {"complete"}, runs[["weights", "state", "reason"]]
     md = open(out / "results" / "results.md").read()
     assert "Demo: synthetic shapes" in md and "| moco" in md and "| supervised" in md
@@ -43,7 +43,7 @@ def test_demo_pipeline_small(tmp_path, monkeypatch, capsys):
         digest = hashlib.sha256(source.read_bytes()).hexdigest()
         with open(out / "weights" / f"{name}.pkl", "rb") as f:
             assert pickle.load(f)["moco_transfer"]["sha256"] == digest
-        for seed in (0, 1):
+        for seed in (0, 1) if name == "moco" else (0,):
             run = out / "runs" / TASK_DIR / name / f"seed{seed}"
             with open(run / "results.json") as f:
                 rec = json.load(f)

@@ -294,3 +294,18 @@ def test_linear_eval_trains_only_fc_and_supervised_baseline_converts(tiny_images
     sup = main_supervised.main(sargs)
     out, info = convert(sup)
     assert info["format"] == "torchvision" and info["arch"] == "resnet18"
+
+
+def test_embedded_default_is_moco_v1_and_given_data_the_papers_v2(tmp_path, monkeypatch):
+    """Without --data: the demo's recipe (MoCo v1: no MLP head, T 0.07, no blur, constant lr);
+    with --data: the paper's v2 defaults; --mochi keeps v2 (MoCHi builds on it)."""
+    monkeypatch.setattr(main_moco, "generate", lambda root: str(tmp_path))
+    parse = main_moco.get_args_parser().parse_args
+    embedded = main_moco.resolve_args(parse([]))
+    assert (embedded.version, embedded.mlp, embedded.aug_plus, embedded.moco_t, embedded.cos,
+            embedded.schedule, embedded.lr) == ("v1", False, False, 0.07, 0, [], 0.03)
+    given = main_moco.resolve_args(parse(["--data", str(tmp_path)]))
+    assert (given.version, given.mlp, given.moco_t, given.cos, given.arch, given.moco_k) == \
+        ("v2", True, 0.2, 1, "resnet50", 65536)
+    assert main_moco.resolve_args(parse(["--mochi", "32,64,32"])).version == "v2"
+    assert main_moco.resolve_args(parse(["--version", "v2"])).mlp

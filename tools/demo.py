@@ -2,12 +2,13 @@
 means something: MoCo-pretrained weights against random init (and the supervised baseline) on a
 low-data detection task, several seeds each, compared with Welch's t-test.
 
-generate data -> MoCo v2 pretraining (unlabelled scenes) -> supervised baseline (labelled
-crops, same budget) -> convert both -> fine-tune Faster R-CNN R18-FPN on a few labelled scenes
-(synthetic_frcnn_fpn_1k at smoke scale: MoCo / supervised / random init x 5 seeds) ->
-results tables (mean +- std, deltas, Welch p-values) + report.
+generate data -> MoCo pretraining (v1's recipe, unlabelled object images) -> supervised
+baseline (labelled crops, same budget) -> convert both -> fine-tune Faster R-CNN R18-FPN on a
+few labelled scenes (synthetic_frcnn_fpn_1k at smoke scale: MoCo and random init x 6 seeds,
+supervised x 2) -> results tables (mean +- std, deltas, Welch p-values) + report.
 
-    python -m tools.demo [--out demo_out] [--seeds 5] [--iters N] [--epochs N] [--small] [-v]
+    python -m tools.demo [--out demo_out] [--seeds 6] [--supervised-seeds 2] [--iters N]
+                         [--epochs N] [--small] [-v]
     python -m tools.demo --control-random-moco   # the control: MoCo weights replaced by random
     python -m tools.demo --mechanisms "moco end_to_end memory_bank mochi"  # demo_mechanisms.py
 
@@ -22,6 +23,7 @@ the MoCo gain must disappear, which shows the comparison would catch a broken ch
 """
 import argparse
 import contextlib
+import copy
 import os
 import sys
 import time
@@ -45,7 +47,7 @@ from transfer.datasets import dataset_root
 
 DEMO_TASK = "synthetic_frcnn_fpn_1k"
 # fine-tuning schedule of the demo (smoke scale of DEMO_TASK, these overrides last)
-FINETUNE = dict(iters=100, batch=4, lr=0.01)
+FINETUNE = dict(iters=80, batch=4, lr=0.01)
 SMALL = dict(epochs=1, iters=12, sup_epochs=1)  # --small (CI): the pipeline, not the result
 
 
@@ -98,8 +100,12 @@ def convert(src, dst, log_path):
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="demo_out")
-    p.add_argument("--seeds", type=int, default=5,
-                   help="fine-tuning seeds per arm (5: what fits 10 minutes on 2 cores)")
+    p.add_argument("--seeds", type=int, default=6,
+                   help="fine-tuning seeds of the MoCo and random-init arms (and --mechanisms): "
+                        "the comparison the demo is about")
+    p.add_argument("--supervised-seeds", type=int, default=2,
+                   help="fine-tuning seeds of the supervised arm (6 + 6 + 2 runs, two at a "
+                        "time: what fits 10 minutes on 2 cores)")
     p.add_argument("--iters", type=int, default=None, help="fine-tuning iterations per run")
     p.add_argument("--epochs", type=int, default=None, help="MoCo pretraining epochs")
     p.add_argument("--small", action="store_true", help="a much smaller run (CI)")
@@ -141,9 +147,10 @@ def run(args):
         ["--data", os.path.join(root, "unlabeled"), "--output",
          os.path.join(out, "pretrain", "moco"), "--print-freq", "8", *as_argv(recipe)]
         + ["--quiet"] * quiet)
-    say(f"2/6 MoCo v2 pretraining: {moco_args.arch}, {moco_args.image_size} px, "
+    say(f"2/6 MoCo {moco_args.version} pretraining: {moco_args.arch}, {moco_args.image_size} px, "
         f"{moco_args.epochs} epochs (log: {moco_args.output}/log.txt)")
-    moco_ckpt = main_moco.main(moco_args)
+    moco_ckpt = main_moco.main(copy.copy(moco_args))  # resolved in place; the mechanisms
+    # start from the options as given (MoCHi's v2 gets v2's own defaults)
     other_ckpts = ({} if args.control_random_moco
                    else pretrain_mechanisms(mechanisms, moco_args, say))
 
@@ -186,18 +193,19 @@ def run(args):
     # on a CPU, two runs side by side with half the cores each (BENCHMARKS.md)
     jobs = 1 if torch.cuda.is_available() else min(2, cpu_count())
     say(f"5/6 fine-tuning {DEMO_TASK} ({iters} iterations, batch {FINETUNE['batch']}): "
-        f"MoCo / supervised / random init x {args.seeds} seeds, {jobs} at a time "
+        f"MoCo and random init x {args.seeds} seeds, supervised x "
+        f"{args.supervised_seeds}, {jobs} at a time "
         f"(logs: {runs})")
 
-    rc = suite_main(["--tasks", DEMO_TASK, "--jobs", str(jobs),
-                     # MoCo and random first: the comparison the demo is about
-                     "--weights", " ".join([f"moco={moco_pkl}", *other_weights,
-                                            f"random supervised={sup_pkl}"]),
-                     "--seeds", str(args.seeds), "--scale", "smoke", "--runs", runs,
-                     *console_flags(console), "--omp-wait-policy", args.omp_wait_policy,
-                     "SOLVER.MAX_ITER", str(iters),
-                     "SOLVER.IMS_PER_BATCH", str(FINETUNE["batch"]),
-                     "SOLVER.BASE_LR", str(FINETUNE["lr"])])
+    common = ["--tasks", DEMO_TASK, "--jobs", str(jobs), "--scale", "smoke", "--runs", runs,
+              *console_flags(console), "--omp-wait-policy", args.omp_wait_policy,
+              "SOLVER.MAX_ITER", str(iters), "SOLVER.IMS_PER_BATCH", str(FINETUNE["batch"]),
+              "SOLVER.BASE_LR", str(FINETUNE["lr"])]
+    # MoCo and random first: the comparison the demo is about
+    rc = suite_main(["--weights", " ".join([f"moco={moco_pkl}", *other_weights, "random"]),
+                     "--seeds", str(args.seeds), *common])
+    rc = suite_main(["--weights", f"supervised={sup_pkl}", "--seeds",
+                     str(args.supervised_seeds), *common]) or rc
 
     say("6/6 results" + (" (CONTROL: 'moco' is random init)" if args.control_random_moco
                          else ""))

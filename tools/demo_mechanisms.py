@@ -19,7 +19,9 @@ DEMO_MECHANISMS = {
     "moco": {},
     "end_to_end": {"mechanism": "end_to_end"},
     "memory_bank": {"mechanism": "memory_bank"},
-    "mochi": {"mochi": "32,64,32", "mochi_warmup_epochs": 1},
+    # MoCHi builds on MoCo v2 (its head, temperature and augmentation): the demo's v1 recipe
+    # would not be MoCHi
+    "mochi": {"mochi": "32,64,32", "mochi_warmup_epochs": 1, "version": "v2"},
 }
 
 
