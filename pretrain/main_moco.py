@@ -4,7 +4,8 @@ bank) and MoCHi on the same stack (--mechanism, --mochi; pretrain/mechanisms.py)
 One process (CPU or one GPU):   python -m pretrain.main_moco --data /path/to/imagenet/train
 Several GPUs on one node:       torchrun --nproc_per_node 8 -m pretrain.main_moco --data ...
 SLURM cluster:                  python -m pretrain.submit --nodes 1 --gpus-per-node 8 --data ...
-No --data: the embedded synthetic dataset and a small schedule that finishes on a CPU in minutes.
+No --data: the embedded synthetic dataset, a small schedule that finishes on a CPU in minutes
+and MoCo v1's recipe (EMBEDDED_DEFAULTS, `make demo`'s).
 
 Defaults are the paper's recipe (PROTOCOL.md section 1): ResNet-50, K=65536, m=0.999, SGD lr 0.03
 per 256 images (scaled linearly with the batch), wd 1e-4, 200 epochs; v1: T=0.07, steps at 120
