@@ -23,6 +23,10 @@ BGR_MSRA = {
 }
 
 BACKBONE_TOP = ("conv1.", "bn1.", "layer1.", "layer2.", "layer3.", "layer4.")
+# torchvision's ResNet saved as nn.Sequential(*list(resnet.children())[:-1]): its children
+# numbered conv1 0, bn1 1, relu 2, maxpool 3, layer1..layer4 4..7, avgpool 8 (fc dropped)
+SEQUENTIAL_RESNET = (("0.", "conv1."), ("1.", "bn1."), ("4.", "layer1."), ("5.", "layer2."),
+                     ("6.", "layer3."), ("7.", "layer4."))
 
 
 class Format:
@@ -32,8 +36,11 @@ class Format:
     `others` lists the ones not taken, as (name, option that takes it instead)."""
 
     def __init__(self, name, description, prefix, author, normalization=RGB_TORCHVISION,
-                 key=None, encoder=None, others=()):
+                 key=None, encoder=None, others=(), renames=()):
         self.name = name
+        # (start, torchvision start) pairs applied after the prefix: a ResNet saved as
+        # nn.Sequential(*children()[:-1]) numbers its children (SEQUENTIAL_RESNET)
+        self.renames = renames
         self.description = description
         self.prefix = prefix
         self.author = author
@@ -42,8 +49,16 @@ class Format:
         self.encoder = encoder
         self.others = others
 
+    def torchvision_name(self, name):
+        """A (prefix-stripped) key under its torchvision name."""
+        for start, tv in self.renames:
+            if name.startswith(start):
+                return tv + name[len(start):]
+        return name
+
     def matches(self, state_dict):
-        return any(k.startswith(self.prefix + t) for k in state_dict for t in BACKBONE_TOP)
+        return any(self.torchvision_name(k[len(self.prefix):]).startswith(BACKBONE_TOP)
+                   for k in state_dict if k.startswith(self.prefix))
 
     def locate(self, ckpt):
         """The state dict (DDP's ``module.`` stripped) this layout reads in `ckpt`, or None."""
@@ -60,7 +75,7 @@ class Format:
         for name, option in self.others:
             flag, value = option.split(" ", 1)
             if (isinstance(sub_dict(ckpt, value), dict) if flag == "--key"
-                    else Format("", "", value, "").matches(sd)):
+                    else Format("", "", value, "", renames=self.renames).matches(sd)):
                 found.append((name, option))
         return found
 
@@ -71,7 +86,7 @@ class Format:
             if not key.startswith(self.prefix):
                 dropped.append(key)
                 continue
-            name = key[len(self.prefix):]
+            name = self.torchvision_name(key[len(self.prefix):])
             if name.startswith(BACKBONE_TOP):
                 backbone[name] = value
             else:  # fc / projection head inside the encoder
@@ -129,6 +144,16 @@ FORMATS = [
     Format("byol", "BYOL-style online/target networks", "online_network.encoder.", "BYOL",
            encoder="online network (what BYOL evaluates)",
            others=(("target network", "--prefix target_network.encoder."),)),
+    # several public BYOL / SimCLR re-implementations: the encoder an nn.Sequential of the
+    # ResNet's children, the online network saved under its own key
+    Format("byol_sequential", "BYOL-style, encoder = nn.Sequential(ResNet children) "
+           "(online_network_state_dict)", "encoder.", "BYOL", key="online_network_state_dict",
+           encoder="online network (what BYOL evaluates)", renames=SEQUENTIAL_RESNET,
+           others=(("target network", "--key target_network_state_dict"),)),
+    Format("byol_nested", "BYOL-style, {'online_network': {'encoder.*'}}", "encoder.", "BYOL",
+           key="online_network", encoder="online network (what BYOL evaluates)",
+           renames=SEQUENTIAL_RESNET,
+           others=(("target network", "--key target_network"),)),
     Format("dino", "DINO full checkpoint (teacher/student)", "backbone.", "DINO", key="teacher",
            encoder="teacher (what DINO evaluates)", others=(("student", "--key student"),)),
     Format("vissl", "VISSL (trunk of classy_state_dict; heads dropped)", "_feature_blocks.",
@@ -138,6 +163,8 @@ FORMATS = [
            others=(("key encoder", "--prefix encoder_k."),)),
     Format("backbone", "backbone.-prefixed (mmselfsup, solo-learn, ...)", "backbone.",
            "BACKBONE"),
+    Format("sequential", "encoder = nn.Sequential(ResNet children) (SimCLR re-implementations)",
+           "encoder.", "SEQUENTIAL", renames=SEQUENTIAL_RESNET),
     Format("torchvision", "torchvision ResNet / timm / this project's supervised baseline / "
            "SwAV (bare keys)", "", "torchvision"),
 ]
@@ -152,8 +179,13 @@ def custom_format(ckpt, key=None, prefix=None):
                       and f.matches(strip_module(sd))), None)
         prefix = found.prefix if found else ""
     where = " ".join(p for p in (key and f"--key {key}", f"--prefix '{prefix}'") if p)
-    return Format("custom", f"the layout given ({where})", prefix, "CUSTOM", key=key,
-                  encoder=f"the weights at {where}")
+    fmt = Format("custom", f"the layout given ({where})", prefix, "CUSTOM", key=key,
+                 encoder=f"the weights at {where}")
+    sequential = Format("custom", f"the layout given ({where}; nn.Sequential children)", prefix,
+                        "CUSTOM", key=key, encoder=fmt.encoder, renames=SEQUENTIAL_RESNET)
+    if fmt.locate(ckpt) is None and sequential.locate(ckpt) is not None:
+        return sequential
+    return fmt
 
 
 def detect(ckpt):
