@@ -145,8 +145,23 @@ def convert_state_dict(fmt, state_dict, claimed_arch=None, path="checkpoint"):
     return arch, model, dropped, heads
 
 
+def caffe2_as_detectron2(data):
+    """A Caffe2-era weights pickle (MSRA's ImageNetPretrained/MSRA/R-50.pkl: blob name ->
+    array, at the top or under 'blobs') as detectron2's checkpointer reads it: {'model': blobs
+    without the '_momentum' ones, '__author__': 'Caffe2'}; anything else unchanged."""
+    if not isinstance(data, dict) or "model" in data:
+        return data
+    blobs = data.get("blobs", data)
+    if not (isinstance(blobs, dict) and blobs and "conv1_w" in blobs
+            and all(isinstance(v, np.ndarray) for v in blobs.values())):
+        return data
+    return {"model": {k: v for k, v in blobs.items() if not k.endswith("_momentum")},
+            "__author__": "Caffe2", "matching_heuristics": True}
+
+
 def convert_detectron2_pkl(data, path):
     """Validate a detectron2 .pkl ({'model': ..., '__author__': ...}) and pass it through."""
+    data = caffe2_as_detectron2(data)
     if not (isinstance(data, dict) and isinstance(data.get("model"), dict)):
         raise ConversionError(f"{path}: a .pkl must be detectron2's {{'model': ..., '__author__'}}")
     model = data["model"]
