@@ -13,6 +13,7 @@ from detectron2.engine import DefaultTrainer
 import transfer.densepose  # noqa: F401  (registers DensePose's heads, datasets, evaluator)
 import transfer.modeling  # noqa: F401  (registers Res5ROIHeadsExtraNorm, DC5 backbone)
 import transfer.semseg  # noqa: F401  (registers FCNHead, its datasets and mapper)
+from convert.zoo import ZooOptions
 from transfer.configs import task_config_path
 from transfer.densepose.config import add_densepose_config
 from transfer.errors import ConfigError
@@ -36,6 +37,11 @@ def add_moco_transfer_config(cfg):
     cfg.MOCO_TRANSFER.WEIGHTS = ""  # the run's weights name: random, supervised, or a ckpt name
     cfg.MOCO_TRANSFER.WEIGHTS_SHA256 = ""
     cfg.MOCO_TRANSFER.WEIGHTS_FORMAT = ""
+    # a published checkpoint named in the weights spec (convert/zoo.py): its name, the URL its
+    # source file came from and that file's sha256 (WEIGHTS_SHA256 is the converted input's)
+    cfg.MOCO_TRANSFER.WEIGHTS_ZOO_NAME = ""
+    cfg.MOCO_TRANSFER.WEIGHTS_SOURCE_URL = ""
+    cfg.MOCO_TRANSFER.WEIGHTS_SOURCE_SHA256 = ""
     cfg.MOCO_TRANSFER.SCALE = "full"
     # processes of the run (GPUs, or gloo processes on a CPU): a record, not the protocol; the
     # protocol's batch is SOLVER.IMS_PER_BATCH, the global batch, whatever the process count
@@ -153,14 +159,15 @@ def machine_settings(cfg, world_size, cuda):
 
 
 def setup_cfg(task, weights="random", *, seed=0, scale="full", overrides=(), output=None,
-              world_size=1, runs_root="runs", trust=False, cuda=None):
+              world_size=1, runs_root="runs", trust=False, cuda=None, zoo_opts=ZooOptions()):
     """The fully resolved config of one run of `world_size` processes: the task's protocol
     (task YAML -> weights -> scale -> seed), then this machine's settings
     (``machine_settings``; `cuda`: whether the run has GPUs, default whether this machine has;
     False and True give the config of a CPU and of a GPU machine anywhere), then the overrides,
-    then the global batch's split (``split_global_batch``)."""
+    then the global batch's split (``split_global_batch``). `zoo_opts`: where published
+    checkpoints named in `weights` are cached (convert/zoo.py)."""
     cfg = load_task_config(task)
-    name, wcfg = weights_overrides(weights, trust)
+    name, wcfg = weights_overrides(weights, trust, zoo_opts)
     cfg.merge_from_list([x for kv in wcfg.items() for x in kv])
     cfg.MOCO_TRANSFER.WEIGHTS = name
     cfg.MOCO_TRANSFER.TRUST_CHECKPOINT = trust

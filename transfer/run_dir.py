@@ -48,9 +48,20 @@ def processes_of(cfg):
             "device": cfg.MODEL.DEVICE}
 
 
+def weights_source(cfg):
+    """The published checkpoint the weights were converted from: name, URL, source sha256
+    (None for a file of the user's or random init)."""
+    t = cfg.MOCO_TRANSFER
+    if not t.WEIGHTS_ZOO_NAME:
+        return None
+    return {"name": t.WEIGHTS_ZOO_NAME, "url": t.WEIGHTS_SOURCE_URL,
+            "sha256": t.WEIGHTS_SOURCE_SHA256}
+
+
 def run_record(cfg, **extra):
     return {"task": cfg.MOCO_TRANSFER.TASK, "weights": cfg.MOCO_TRANSFER.WEIGHTS,
             "weights_file": cfg.MODEL.WEIGHTS, "weights_sha256": cfg.MOCO_TRANSFER.WEIGHTS_SHA256,
+            "weights_source": weights_source(cfg),
             "seed": cfg.SEED, "scale": cfg.MOCO_TRANSFER.SCALE, "protocol": protocol_of(cfg),
             "processes": processes_of(cfg),
             "paper_table": cfg.MOCO_TRANSFER.PAPER_TABLE,

@@ -24,7 +24,7 @@ import detectron2.utils.comm as comm
 from detectron2.engine import default_argument_parser, default_setup
 from detectron2.utils.logger import setup_logger
 
-from convert import safe_load
+from convert import safe_load, zoo
 from convert.runtime import add_process_flags, apply_omp_wait_policy, entry_point
 from transfer import run_dir
 from transfer.config import diff_configs, setup_cfg
@@ -34,6 +34,7 @@ from transfer.datasets import check_datasets
 from transfer.errors import ConfigError
 from transfer.launch import external_layout, launch, launch_external
 from transfer.trainer import Trainer
+from transfer.weights import prepare_weights
 
 logger = logging.getLogger("transfer")
 
@@ -41,7 +42,8 @@ logger = logging.getLogger("transfer")
 def resolve(args, world_size):
     return setup_cfg(args.task, args.weights, seed=args.seed, scale=args.scale,
                      overrides=args.opts, output=args.output, world_size=world_size,
-                     runs_root=args.runs, trust=args.trust_checkpoint)
+                     runs_root=args.runs, trust=args.trust_checkpoint,
+                     zoo_opts=zoo.options_from_args(args))
 
 
 def print_dry_run(args, world_size):
@@ -49,7 +51,8 @@ def print_dry_run(args, world_size):
     what this machine changes in it, as comments."""
     protocol = setup_cfg(args.task, args.weights, seed=args.seed, scale=args.scale,
                          overrides=args.opts, output=args.output, world_size=world_size,
-                         runs_root=args.runs, trust=args.trust_checkpoint, cuda=True)
+                         runs_root=args.runs, trust=args.trust_checkpoint, cuda=True,
+                         zoo_opts=zoo.options_from_args(args))
     here = resolve(args, world_size)
     print(protocol.dump())
     changed = {k: here_v for k, here_v, v in diff_configs(here, protocol)}
@@ -92,7 +95,11 @@ def get_parser():
     p.add_argument("--task", help="a task name (python -m transfer.tasks); or --config-file "
                                   "with a task's YAML from transfer/configs")
     p.add_argument("--weights", default="random",
-                   help="converted .pkl, NAME=path.pkl, 'supervised' (MSRA R-50) or 'random'")
+                   help="a converted .pkl, a published checkpoint's name (python -m convert.zoo "
+                        "lists them; fetched, verified, converted and cached on first use), "
+                        "LABEL=path.pkl, LABEL=name, 'supervised' (MSRA R-50, the registry's "
+                        "msra_r50) or 'random'. A token that is an existing file is the file, "
+                        "even where it is also a name")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scale", default="full", help="full (the protocol) or smoke (tiny)")
     p.add_argument("--output", default=None, help="run directory (default <runs>/<task>/...)")
@@ -102,6 +109,7 @@ def get_parser():
                    help="on a CPU: intra-op threads of the whole run on this machine, shared "
                         "out among its processes (default: every core)")
     p.add_argument(safe_load.TRUST_FLAG, action="store_true", help=safe_load.TRUST_HELP)
+    zoo.add_zoo_flags(p)
     add_console_flags(p)
     add_process_flags(p)
     p.set_defaults(dist_url="auto")
@@ -132,6 +140,9 @@ def run(argv=None):
 def execute(args):
     layout = external_layout(os.environ)  # started by torchrun / SLURM: this process only
     world = layout.world_size if layout else args.num_gpus * args.num_machines
+    if not args.dry_run:  # a published checkpoint: fetched and converted once, before any process
+        prepare_weights(args.weights, zoo.options_from_args(args),
+                        args.trust_checkpoint)
     cfg = resolve(args, world)  # the user's mistakes show here, before any process starts
     if args.dry_run:
         print_dry_run(args, world)

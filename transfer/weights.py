@@ -1,7 +1,13 @@
 """Which weights a run starts from: the weights spec, and what a converted .pkl says of itself.
 
-A spec is ``random``, ``supervised`` (MSRA's R-50, detectron2's ImageNet baseline),
-``supervised=PATH``, ``NAME=PATH`` or ``PATH``. A .pkl written by ``convert/to_detectron2.py``
+A spec is ``random``, ``supervised`` (MSRA's R-50, detectron2's ImageNet baseline: the
+registry's ``msra_r50``), a published checkpoint's name (``moco_v2_800ep``: ``make zoo`` lists
+them; convert/zoo.py), ``LABEL=NAME``, ``LABEL=PATH`` or ``PATH``. A token that is an existing
+file is the file, even where it is also a name.
+
+A name is fetched and converted by ``prepare_weights`` (the program does it once, before any
+process starts); the config reads the cached .pkl. Before that (a dry run) the config shows the
+.pkl's future path and the normalisation the registry's layout implies, and nothing is fetched. A .pkl written by ``convert/to_detectron2.py``
 carries its input normalisation and ResNet config (``moco_transfer`` metadata); the reference
 converters' outputs (``__author__`` MOCO / torchvision) are RGB with torchvision's statistics.
 
@@ -9,31 +15,69 @@ The .pkl is read as data only (``convert/safe_load.py``; ``trust``: --trust-chec
 for its metadata, and by the checkpointer (``checkpoint.py``) for its weights.
 """
 import os
+from dataclasses import dataclass
 
 from convert import safe_load
-from convert.formats import BGR_MSRA, RGB_TORCHVISION
+from convert import zoo
+from convert.formats import RGB_TORCHVISION
 from transfer.errors import WeightsError
 
-MSRA_R50 = "detectron2://ImageNetPretrained/MSRA/R-50.pkl"
 RESERVED_WEIGHTS = ("supervised", "random")
+
+
+@dataclass(frozen=True)
+class WeightsSpec:
+    """What a weights token means: the run's label, and a file or a registry entry (neither:
+    random init)."""
+    label: str
+    path: str = None
+    entry: zoo.Entry = None
 
 def read_weights_file(path, trust=False):
     """The unpickled .pkl (data only, latin1 as detectron2 reads Caffe2-era files)."""
     return safe_load.load_pickle(path, trust)
 
 
-def parse_weights(spec):
-    """'random' | 'supervised' | 'supervised=PATH' | 'NAME=PATH' | 'PATH' -> (name, path|None)."""
-    if "=" in spec:
-        name, path = spec.split("=", 1)
-        return name, path
-    if spec in RESERVED_WEIGHTS:
-        return spec, None
-    base = os.path.basename(spec)
+def _label_of_path(path):
+    base = os.path.basename(path)
     for ext in (".d2.pkl", ".pkl"):
         if base.endswith(ext):
             base = base[: -len(ext)]
-    return base, spec
+    return base
+
+
+def _looks_like_a_path(token):
+    return os.sep in token or "." in token
+
+
+def read_spec(spec, registry):
+    """A WeightsSpec: 'random' | 'supervised' | NAME | LABEL=NAME | LABEL=PATH | PATH. An existing
+    file wins over a name; a token that is neither a file nor a name is an error naming the
+    nearest name (or the missing file, where it looks like a path)."""
+    label, target = spec.split("=", 1) if "=" in spec else (None, spec)
+    if target == "random" and label is None:
+        return WeightsSpec("random")
+    if os.path.isfile(target):
+        return WeightsSpec(label or _label_of_path(target), path=target)
+    if target in registry:
+        return WeightsSpec(label or target, entry=registry[target])
+    if _looks_like_a_path(target):
+        return WeightsSpec(label or _label_of_path(target), path=target)
+    zoo.lookup(target, registry)  # raises: unknown name, with the nearest and the known ones
+    raise AssertionError(target)
+
+
+def parse_weights(spec, registry_file=zoo.REGISTRY_FILE):
+    """(label, path or registry name or None) of a spec: the label names the run's folder."""
+    ws = read_spec(spec, zoo.load_registry(registry_file))
+    return ws.label, ws.path or (ws.entry.name if ws.entry else None)
+
+
+def prepare_weights(spec, opts=zoo.ZooOptions(), trust=False):
+    """Fetch, verify and convert the checkpoint a spec names (nothing for a file or random);
+    returns the zoo.Resolved or None. Locked per name: concurrent callers fetch once."""
+    ws = read_spec(spec, zoo.load_registry(opts.registry))
+    return zoo.resolve(ws.entry.name, opts, trust) if ws.entry else None
 
 
 def read_converted_metadata(path, trust=False):
@@ -56,16 +100,35 @@ def read_converted_metadata(path, trust=False):
         f"convert/to_detectron2.py (use --input-format rgb|bgr for a detectron2 .pkl)")
 
 
-def weights_overrides(spec, trust=False):
-    """(name, {config key: value}) for a weights spec. Random init uses the MoCo (RGB,
+def _zoo_overrides(entry, opts, trust):
+    """A registry entry's config: read from its converted .pkl once cached, else what the
+    registry's layout implies (a dry run: nothing fetched)."""
+    pkl = zoo.converted_path(entry, opts)
+    if os.path.isfile(pkl):
+        overrides, meta = read_converted_metadata(pkl, trust)
+        record = meta.get("zoo", {})
+    else:
+        normalization, config = zoo.expected_metadata(entry)
+        overrides, meta, record = dict(normalization, **config), {}, {}
+    overrides["MODEL.WEIGHTS"] = os.path.abspath(pkl)
+    overrides["MOCO_TRANSFER.WEIGHTS_SHA256"] = meta.get("sha256", "")
+    overrides["MOCO_TRANSFER.WEIGHTS_FORMAT"] = meta.get("format", entry.layout.get("format", ""))
+    overrides["MOCO_TRANSFER.WEIGHTS_ZOO_NAME"] = entry.name
+    overrides["MOCO_TRANSFER.WEIGHTS_SOURCE_URL"] = record.get("url", entry.urls[0])
+    overrides["MOCO_TRANSFER.WEIGHTS_SOURCE_SHA256"] = record.get("source_sha256", "")
+    return overrides
+
+
+def weights_overrides(spec, trust=False, opts=zoo.ZooOptions()):
+    """(label, {config key: value}) for a weights spec. Random init uses the MoCo (RGB,
     torchvision) normalisation (PROTOCOL.md section 3)."""
-    name, path = parse_weights(spec)
-    if path is None and name == "random":
-        return name, dict(RGB_TORCHVISION, **{"MODEL.WEIGHTS": ""})
-    if path is None and name == "supervised":
-        return name, dict(BGR_MSRA, **{"MODEL.WEIGHTS": MSRA_R50})
-    overrides, meta = read_converted_metadata(path, trust)
-    overrides["MODEL.WEIGHTS"] = os.path.abspath(path)
+    ws = read_spec(spec, zoo.load_registry(opts.registry))
+    if ws.entry is not None:
+        return ws.label, _zoo_overrides(ws.entry, opts, trust)
+    if ws.path is None:
+        return ws.label, dict(RGB_TORCHVISION, **{"MODEL.WEIGHTS": ""})
+    overrides, meta = read_converted_metadata(ws.path, trust)
+    overrides["MODEL.WEIGHTS"] = os.path.abspath(ws.path)
     overrides["MOCO_TRANSFER.WEIGHTS_SHA256"] = meta.get("sha256", "")
     overrides["MOCO_TRANSFER.WEIGHTS_FORMAT"] = meta.get("format", "")
-    return name, overrides
+    return ws.label, overrides
