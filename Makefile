@@ -27,6 +27,13 @@ CKPT ?=
 # TRUST=1: load a checkpoint that holds more than data (--trust-checkpoint; it can run code)
 TRUST ?=
 TRUST_FLAG = $(if $(TRUST),--trust-checkpoint)
+# published checkpoints by name (make zoo): ZOO_CACHE=folder (default ~/.cache/moco-transfer/
+# checkpoints), MIRROR=URL|DIR (also tried), OFFLINE=1 (no request: the cache and MIRROR folders)
+NAME      ?=
+ZOO_CACHE ?=
+MIRROR    ?=
+OFFLINE   ?=
+ZOO_FLAGS = $(if $(ZOO_CACHE),--zoo-cache $(ZOO_CACHE)) $(if $(MIRROR),--mirror $(MIRROR)) $(if $(OFFLINE),--offline)
 # transfer
 TASK     ?=
 WEIGHTS  ?= random
@@ -41,7 +48,7 @@ JOBS  ?= 1
 RUNS  ?= runs
 OUT   ?= results/out
 
-.PHONY: help setup doctor test bench bench-tasks bench-processes bench-mechanisms pretrain lincls supervised convert transfer densepose-fixture tasks suite results demo bench-demo clean
+.PHONY: zoo help setup doctor test bench bench-tasks bench-processes bench-mechanisms pretrain lincls supervised convert transfer densepose-fixture tasks suite results demo bench-demo clean
 
 # List the targets and the transfer tasks.
 help: $(STAMP)
@@ -83,24 +90,30 @@ pretrain: $(STAMP)
 	  $(if $(BATCH_SIZE),--batch-size $(BATCH_SIZE)) $(if $(MECHANISM),--mechanism $(MECHANISM)) \
 	  $(if $(MOCHI),--mochi $(MOCHI)) $(TRUST_FLAG) $(ARGS)
 
-# Linear classification on frozen features (DATA=labeled folder, CKPT=pretrained checkpoint).
+# Linear classification on frozen features (DATA=labeled folder, CKPT=checkpoint in any layout
+# the converter reads, or a published checkpoint's name).
 lincls: $(STAMP)
-	$(PYTHON) -m pretrain.main_lincls --data $(DATA) --pretrained $(CKPT) $(if $(OUTPUT),--output $(OUTPUT)) $(TRUST_FLAG) $(ARGS)
+	$(PYTHON) -m pretrain.main_lincls --data $(DATA) --pretrained $(CKPT) $(if $(OUTPUT),--output $(OUTPUT)) $(TRUST_FLAG) $(ZOO_FLAGS) $(ARGS)
 
 # Supervised baseline with the same recipe on a labeled folder.
 supervised: $(STAMP)
 	$(PYTHON) -m pretrain.main_supervised $(if $(DATA),--data $(DATA)) $(if $(OUTPUT),--output $(OUTPUT)) \
 	  $(if $(ARCH),--arch $(ARCH)) $(if $(EPOCHS),--epochs $(EPOCHS)) $(TRUST_FLAG) $(ARGS)
 
+# List the published checkpoints by name (method, epochs, checksum kind, cached); NAME=x fetches,
+# verifies and converts one (ZOO_CACHE, MIRROR, OFFLINE).
+zoo: $(STAMP)
+	$(PYTHON) -m convert.zoo $(NAME) $(TRUST_FLAG) $(ZOO_FLAGS) $(ARGS)
+
 # Convert a checkpoint (CKPT=...) to detectron2's format.
 convert: $(STAMP)
 	$(PYTHON) convert/to_detectron2.py $(CKPT) $(TRUST_FLAG) $(ARGS)
 
-# Fine-tune and evaluate one task: TASK=name WEIGHTS=<.pkl|supervised|random> SEED SCALE NUM_GPUS.
+# Fine-tune and evaluate one task: TASK=name WEIGHTS=<.pkl|name|supervised|random> SEED SCALE NUM_GPUS.
 transfer: $(STAMP)
 	$(PYTHON) -m transfer.train_net --task $(TASK) --weights $(WEIGHTS) --seed $(SEED) \
 	  --scale $(SCALE) --num-gpus $(NUM_GPUS) $(if $(OUTPUT),--output $(OUTPUT)) \
-	  $(if $(DRY_RUN),--dry-run) $(TRUST_FLAG) $(VERBOSE_FLAG) $(ARGS)
+	  $(if $(DRY_RUN),--dry-run) $(TRUST_FLAG) $(VERBOSE_FLAG) $(ZOO_FLAGS) $(ARGS)
 
 # Usage: make densepose-fixture, then
 #   DETECTRON2_DATASETS=datasets_densepose make transfer TASK=coco_densepose_fpn_s1x SCALE=smoke
@@ -115,7 +128,7 @@ tasks: $(STAMP)
 # Plan and run every TASKS x WEIGHTS x SEEDS run (skips complete ones, resumes the rest).
 suite: $(STAMP)
 	$(PYTHON) -m tools.suite --tasks "$(TASKS)" --weights "$(WEIGHTS)" --seeds $(SEEDS) --jobs $(JOBS) \
-	  --scale $(SCALE) --runs $(RUNS) $(if $(DRY_RUN),--dry-run) $(VERBOSE_FLAG) $(ARGS)
+	  --scale $(SCALE) --runs $(RUNS) $(if $(DRY_RUN),--dry-run) $(VERBOSE_FLAG) $(ZOO_FLAGS) $(ARGS)
 
 # Collate the runs under RUNS into the paper's tables and an HTML report under OUT.
 results: $(STAMP)

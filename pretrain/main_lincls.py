@@ -9,12 +9,14 @@ every other layer frozen and BN in eval mode. Without --val-data a fixed 20% of 
 import argparse
 import os
 
+import torch
 import torch.nn as nn
 import torchvision
 
-from convert import safe_load
+from convert import safe_load, zoo
 from convert.errors import UserError
 from convert.logs import restores_logging
+from convert.to_detectron2 import read_resnet
 from convert.runtime import add_process_flags, program
 from pretrain import classify
 
@@ -25,7 +27,12 @@ def get_args_parser():
     p.add_argument("--val-data", default="")
     p.add_argument("--quiet", action="store_true",
                    help="log to <output>/log.txt only and show a progress bar")
-    p.add_argument("--pretrained", required=True, help="a MoCo checkpoint (make pretrain)")
+    p.add_argument("--pretrained", required=True,
+                   help="a checkpoint in any layout the converter reads (MoCo, SwAV, DINO, "
+                        "VISSL, torchvision, ...), or a published checkpoint's name (python -m "
+                        "convert.zoo lists them); an existing file wins over a name")
+    p.add_argument("--key", default=None, help="as the converter's --key")
+    p.add_argument("--prefix", default=None, help="as the converter's --prefix")
     p.add_argument(safe_load.TRUST_FLAG, action="store_true", help=safe_load.TRUST_HELP)
     p.add_argument("--output", default="")
     p.add_argument("--arch", default=None, help="default: the checkpoint's arch")
@@ -40,19 +47,34 @@ def get_args_parser():
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--print-freq", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
+    zoo.add_zoo_flags(p)
     return add_process_flags(p)
 
 
-def load_query_encoder(path, arch=None, num_classes=1000, trust=False):
-    """A torchvision ResNet with the MoCo query encoder's weights; fc re-initialised."""
-    ck = safe_load.load_torch(path, trust)
-    arch = arch or ck.get("arch", "resnet50")
+def pretrained_source(spec, opts, key=None, prefix=None):
+    """(checkpoint path, key, prefix) of --pretrained: a file, or a published checkpoint's name
+    (fetched and verified; its registry layout)."""
+    if os.path.isfile(spec):
+        return spec, key, prefix
+    registry = zoo.load_registry(opts.registry)
+    if spec not in registry:
+        if os.sep in spec or "." in spec:
+            raise UserError(f"--pretrained {spec}: no such file")
+        zoo.lookup(spec, registry)  # an unknown name: the nearest and the known ones
+    entry, path = zoo.resolve_source(spec, opts, registry)
+    return path, key or entry.layout.get("key"), prefix or entry.layout.get("prefix")
+
+
+def load_query_encoder(path, arch=None, num_classes=1000, trust=False, key=None, prefix=None):
+    """A torchvision ResNet with the weights a checkpoint's method evaluates (MoCo's query
+    encoder, DINO's teacher, ...: convert/formats.py); fc re-initialised."""
+    _, backbone, found_arch = read_resnet(path, key, prefix, trust)
+    arch = arch or found_arch
     model = getattr(torchvision.models, arch)(num_classes=num_classes)
-    prefix = "module.encoder_q."
-    state = {k[len(prefix):]: v for k, v in ck["state_dict"].items()
-             if k.startswith(prefix) and not k.startswith(prefix + "fc.")}
-    if not state:
-        raise UserError(f"{path}: no '{prefix}*' keys: not a MoCo checkpoint")
+    state = {k: torch.as_tensor(v) for k, v in backbone.items()}
+    unexpected = [k for k in state if k not in model.state_dict()]
+    if unexpected:
+        raise UserError(f"{path}: encoder does not fit {arch}; unexpected {unexpected[:5]}")
     missing = model.load_state_dict(state, strict=False).missing_keys
     if set(missing) != {"fc.weight", "fc.bias"}:
         raise UserError(f"{path}: encoder does not fit {arch}; missing {missing[:5]}")
@@ -66,8 +88,10 @@ def main(args):
     if not args.output:
         args.output = os.path.join(os.path.dirname(os.path.abspath(args.pretrained)), "lincls")
     device, train_set, val_set, classes = classify.setup_run(args)
-    model, arch = load_query_encoder(args.pretrained, args.arch, len(classes),
-                                     args.trust_checkpoint)
+    path, key, prefix = pretrained_source(args.pretrained, zoo.options_from_args(args),
+                                          args.key, args.prefix)
+    model, arch = load_query_encoder(path, args.arch, len(classes), args.trust_checkpoint,
+                                     key, prefix)
     for name, p in model.named_parameters():
         p.requires_grad = name in ("fc.weight", "fc.bias")
     model.to(device)

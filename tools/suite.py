@@ -24,15 +24,17 @@ from dataclasses import dataclass
 
 import torch
 
+from convert import zoo
 from convert.logs import progress_bar
 from convert.machine import cpu_count
-from convert.runtime import add_process_flags, apply_omp_wait_policy, omp_environment
+from convert.runtime import (add_process_flags, apply_omp_wait_policy, entry_point,
+                             omp_environment)
 from results.collect import read_run
 from transfer.config import setup_cfg
 from transfer.configs import known_tasks
 from transfer.console import Console, add_console_flags, console_from_args
 from transfer.run_dir import run_dir
-from transfer.weights import parse_weights
+from transfer.weights import parse_weights, prepare_weights
 
 
 @dataclass
@@ -45,6 +47,7 @@ class PlannedRun:
     run_dir: str
     action: str  # skip | resume | start
     why: str
+    zoo_opts: zoo.ZooOptions = zoo.ZooOptions()  # where its published checkpoints are cached
 
     def command(self, runs_root, num_gpus=1, extra=(), threads=None, flags=()):
         """train_net's command line: `num_gpus` processes started by train_net (1 where they
@@ -53,7 +56,8 @@ class PlannedRun:
         return [sys.executable, "-m", "transfer.train_net", "--task", self.task, "--weights",
                 self.weights_spec, "--seed", str(self.seed), "--scale", self.scale,
                 "--runs", runs_root, "--num-gpus", str(num_gpus),
-                *(["--threads", str(threads)] if threads else []), *flags, *extra]
+                *(["--threads", str(threads)] if threads else []), *flags,
+                *zoo.zoo_argv(self.zoo_opts), *extra]
 
 
 def child_env(omp_wait_policy, extra=None):
@@ -86,7 +90,7 @@ def local_slots(jobs, num_gpus, threads=None):
             for k in range(jobs)]
 
 
-def plan(tasks, weights, seeds, scale, runs_root):
+def plan(tasks, weights, seeds, scale, runs_root, zoo_opts=zoo.ZooOptions()):
     """Every (task, weights, seed) with what to do about it."""
     unknown = [t for t in tasks if t not in known_tasks()]
     if unknown:
@@ -94,7 +98,7 @@ def plan(tasks, weights, seeds, scale, runs_root):
     planned = []
     for task in tasks:
         for spec in weights:
-            name = parse_weights(spec)[0]
+            name = parse_weights(spec, zoo_opts.registry)[0]
             for seed in seeds:
                 d = run_dir(runs_root, task, name, seed, scale)
                 if not os.path.isdir(d):
@@ -106,7 +110,8 @@ def plan(tasks, weights, seeds, scale, runs_root):
                     else:
                         action = "resume"
                         why = f"{row['state']}" + (f": {row['reason']}" if row["reason"] else "")
-                planned.append(PlannedRun(task, spec, name, seed, scale, d, action, why))
+                planned.append(PlannedRun(task, spec, name, seed, scale, d, action, why,
+                                          zoo_opts))
     return planned
 
 
@@ -167,7 +172,8 @@ def _pool(todo, start, slots, poll=None):
 def _max_iter(p, extra):
     try:
         return setup_cfg(p.task, p.weights_spec, seed=p.seed, scale=p.scale,
-                         overrides=list(extra), output=p.run_dir).SOLVER.MAX_ITER
+                         overrides=list(extra), output=p.run_dir,
+                         zoo_opts=p.zoo_opts).SOLVER.MAX_ITER
     except Exception:  # the run itself reports a bad config
         return 1
 
@@ -274,7 +280,9 @@ def get_parser():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tasks", required=True, help="space-separated task names")
     ap.add_argument("--weights", default="random",
-                    help="space-separated: NAME=path.pkl, path.pkl, supervised, random")
+                    help="space-separated: path.pkl, a published checkpoint's name (python -m "
+                         "convert.zoo lists them), LABEL=path.pkl, LABEL=name, supervised, "
+                         "random; a token that is an existing file is the file")
     ap.add_argument("--seeds", default="1", help="a count N (seeds 0..N-1) or a list '0,3,7'")
     ap.add_argument("--scale", default="full")
     ap.add_argument("--runs", default="runs")
@@ -299,6 +307,7 @@ def get_parser():
     ap.add_argument("--timeout-min", type=int, default=4320)
     add_console_flags(ap)
     add_process_flags(ap)  # also given to every run
+    zoo.add_zoo_flags(ap)  # also given to every run
     ap.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides for every run")
     return ap
 
@@ -313,7 +322,9 @@ def run(args):
     console = console_from_args(args)
     seeds = ([int(s) for s in args.seeds.split(",")] if "," in args.seeds
              else list(range(int(args.seeds))))
-    planned = plan(args.tasks.split(), args.weights.split(), seeds, args.scale, args.runs)
+    zoo_opts = zoo.options_from_args(args)
+    planned = plan(args.tasks.split(), args.weights.split(), seeds, args.scale, args.runs,
+                   zoo_opts)
     for p in planned:
         if console.quiet and not args.dry_run:
             break  # the quiet console: the counts below and one progress bar
@@ -324,6 +335,10 @@ def run(args):
           f"resume, {counts['skip']} complete")
     if args.dry_run:
         return 0
+    # published checkpoints: fetched and converted once here, before any run starts (a run
+    # would do it too, under the same lock; a bad name or a failed download shows once)
+    for spec in dict.fromkeys(p.weights_spec for p in planned if p.action != "skip"):
+        prepare_weights(spec, zoo_opts)
     if args.slurm:
         submit_slurm(planned, args.runs, args)
         return 0
@@ -334,4 +349,4 @@ def run(args):
 if __name__ == "__main__":
     args = get_parser().parse_args()
     apply_omp_wait_policy(args.omp_wait_policy)
-    sys.exit(run(args))
+    sys.exit(entry_point(run, args))
