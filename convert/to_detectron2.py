@@ -241,6 +241,27 @@ def convert(path, input_format=None, key=None, prefix=None, trust=False):
     return out, info
 
 
+def read_resnet(path, key=None, prefix=None, trust=False):
+    """(format name, torchvision-named backbone {name: tensor or array}, arch) of any checkpoint
+    the converter reads: what a reader of the ResNet itself (linear classification) needs."""
+    raw = load_checkpoint(path, trust)
+    if path.endswith(".pkl"):
+        data, info, _ = convert_detectron2_pkl(raw, path)
+        if info["format"] == "detectron2_caffe2":
+            raise ConversionError(f"{path}: Caffe2 blob names (MSRA's R-50) are read by "
+                                  "detectron2 only; give a PyTorch checkpoint")
+        backbone = OrderedDict((detectron2_to_torchvision(k), v) for k, v in data["model"].items()
+                               if not k.startswith("stem.fc."))
+        return info["format"], backbone, info["arch"]
+    fmt, state_dict = find_weights(raw, path, key, prefix)
+    backbone, _, _ = fmt.extract(state_dict)
+    try:
+        arch = identify(backbone, raw.get("arch"))
+    except BackboneMismatch as e:
+        raise ConversionError(f"{path} ({fmt.description}): {e}") from None
+    return fmt.name, backbone, arch
+
+
 def write_atomic(obj, out_path):
     with atomic_open(out_path, "wb") as f:
         pickle.dump(obj, f)
