@@ -93,6 +93,39 @@ def write_swav(sd, path):
     torch.save({"epoch": 800, "state_dict": state, "optimizer": sgd_state()}, path)
 
 
+def as_sequential(sd):
+    """torchvision's keys as nn.Sequential(*list(resnet.children())[:-1]) numbers them (fc gone):
+    conv1 0, bn1 1, layer1..layer4 4..7."""
+    number = {"conv1.": "0.", "bn1.": "1.", "layer1.": "4.", "layer2.": "5.", "layer3.": "6.",
+              "layer4.": "7."}
+    return {next(n + k[len(t):] for t, n in number.items() if k.startswith(t)): v
+            for k, v in sd.items() if not k.startswith("fc.")}
+
+
+def write_byol_sequential(sd, path):
+    """Public BYOL re-implementations (an online network whose encoder is the Sequential of the
+    ResNet's children, a projection MLP), each network's state dict under its own key."""
+    def network(s):
+        return {**prefixed("encoder.", as_sequential(s)),
+                "projetion.net.0.weight": torch.randn(8, 512)}
+    torch.save({"online_network_state_dict": network(sd),
+                "target_network_state_dict": network(shifted(sd, 1)),
+                "optimizer_state_dict": sgd_state()}, path)
+
+
+def write_byol_nested(sd, path):
+    """{'online_network': {'encoder.conv1.weight', ...}, 'target_network': {...}}."""
+    torch.save({"online_network": {**prefixed("encoder.", sd),
+                                   "projector.net.0.weight": torch.randn(8, 512)},
+                "target_network": prefixed("encoder.", shifted(sd, 1)), "epoch": 3}, path)
+
+
+def write_simclr_sequential(sd, path):
+    """A SimCLR re-implementation's model state dict: encoder = Sequential(children), head."""
+    torch.save({**prefixed("encoder.", as_sequential(sd)),
+                "projection_head.0.weight": torch.randn(8, 512)}, path)
+
+
 def write_safetensors(sd, path):
     """timm / a model hub's model.safetensors: bare keys (fc included), string metadata."""
     from safetensors.torch import save_file
@@ -118,12 +151,19 @@ CASES = {
                      "--key student --prefix 'backbone.'"),
     "vissl": (write_vissl, "model_final_checkpoint_phase199.torch", {}, "vissl", None),
     "swav": (write_swav, "swav_800ep_pretrain.pth.tar", {}, "torchvision", None),
+    "byol_sequential": (write_byol_sequential, "byol.pth", {}, "byol_sequential",
+                        "online network"),
+    "byol_sequential_target": (write_byol_sequential, "byol.pth",
+                               {"key": "target_network_state_dict"}, "custom",
+                               "--key target_network_state_dict --prefix 'encoder.'"),
+    "byol_nested": (write_byol_nested, "byol.pth", {}, "byol_nested", "online network"),
+    "simclr_sequential": (write_simclr_sequential, "simclr.pth", {}, "sequential", None),
     "safetensors": (write_safetensors, "model.safetensors", {}, "torchvision", None),
     "custom": (write_custom, "odd.pt", {"key": "network.net", "prefix": "feat."}, "custom",
                "--key network.net --prefix 'feat.'"),
 }
 # the encoders an override takes: their values were shifted by 1 when written
-NOT_DEFAULT = {"moco_key_encoder", "byol_target", "dino_student"}
+NOT_DEFAULT = {"moco_key_encoder", "byol_target", "dino_student", "byol_sequential_target"}
 
 
 @pytest.fixture(scope="module")
@@ -169,6 +209,10 @@ def test_framework_checkpoint_converts_and_loads_strictly(tmp_path, r18, model, 
     (write_byol, "BYOL", "online network",
      "target network in the file too (take it with --prefix target_network.encoder.)"),
     (write_dino, "DINO", "teacher", "student in the file too (take it with --key student)"),
+    (write_byol_sequential, "BYOL", "online network",
+     "target network in the file too (take it with --key target_network_state_dict)"),
+    (write_byol_nested, "BYOL", "online network",
+     "target network in the file too (take it with --key target_network)"),
 ])
 def test_converter_says_which_encoder_it_took_and_how_to_take_another(tmp_path, r18, write,
                                                                        method, encoder, other,
