@@ -182,8 +182,13 @@ def test_every_weights_kind_sets_its_normalisation(tmp_path, kind, expected):
     assert cfg.MODEL.RESNETS.STRIDE_IN_1X1 is stride_in_1x1
     if kind == "random":
         assert cfg.MODEL.WEIGHTS == ""
-    elif kind == "supervised":
-        assert cfg.MODEL.WEIGHTS == "detectron2://ImageNetPretrained/MSRA/R-50.pkl"
+    elif kind == "supervised":  # the registry's MSRA R-50, converted into the zoo's cache
+        from convert import zoo
+
+        entry = zoo.load_registry()["supervised"]
+        assert entry.name == "msra_r50"
+        assert cfg.MODEL.WEIGHTS == zoo.converted_path(entry, zoo.ZooOptions())
+        assert cfg.MOCO_TRANSFER.WEIGHTS_ZOO_NAME == "msra_r50"
     else:
         assert cfg.MODEL.WEIGHTS == os.path.abspath(spec)
     if kind.startswith("ours_"):  # the converter's record of its source travels with the run
