@@ -124,6 +124,7 @@ def registry_override(path, server, digests, **changes):
 
 def options(tmp_path, server, digests, **kw):
     changes = kw.pop("changes", {})
+    tmp_path.mkdir(parents=True, exist_ok=True)
     registry = registry_override(tmp_path / "zoo.yaml", server, digests, **changes)
     return zoo.ZooOptions(cache_dir=str(tmp_path / "cache"), registry=registry, progress=False,
                           **kw)
@@ -266,20 +267,21 @@ def test_offline_uses_the_cache_and_names_what_it_would_fetch(served, tmp_path):
         again = zoo.ZooOptions(opts.cache_dir, registry=opts.registry, offline=offline,
                                progress=False)
         assert zoo.resolve("moco_v1_200ep", again).pkl == first.pkl
-    # not cached, offline: one line saying what it would fetch and how to supply it
-    offline = zoo.ZooOptions(opts.cache_dir, registry=opts.registry, offline=True,
-                             progress=False)
+    # not cached, offline, the server up: no request, one line saying what it would fetch
+    server, _, _ = served
+    offline = options(tmp_path / "up", server, digests, offline=True)
+    count = len(server.log)
     with pytest.raises(UserError) as e:
         zoo.resolve("moco_v2_200ep", offline)
     msg = str(e.value)
-    assert "\n" not in msg and own.url("moco_v2_200ep_pretrain.pth.tar") in msg
-    assert "MIRROR=" in msg
+    assert "\n" not in msg and server.url("moco_v2_200ep_pretrain.pth.tar") in msg
+    assert "MIRROR=" in msg and len(server.log) == count
     # a mirror folder, offline
-    mirrored = zoo.ZooOptions(opts.cache_dir, (folder,), registry=opts.registry, offline=True,
-                              progress=False)
+    mirrored = zoo.ZooOptions(offline.cache_dir, (folder,), registry=offline.registry,
+                              offline=True, progress=False)
     assert zoo.resolve("moco_v2_200ep", mirrored).source_sha256 == \
         digests["moco_v2_200ep"]["sha256"]
-    assert len(own.log) == 1
+    assert len(server.log) == count and len(own.log) == 1
 
 
 def test_offline_transfer_by_name_says_in_one_line_what_it_would_fetch(served, tmp_path):
