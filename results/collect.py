@@ -47,7 +47,7 @@ def read_run(run_dir):
     row = {"task": task, "scale": scale or "full", "weights": weights,
            "seed": int(seed_dir[len("seed"):]) if seed_dir[4:].isdigit() else seed_dir,
            "path": run_dir, "state": "incomplete", "reason": "", "protocol": "",
-           "metrics": {}, "metrics_wanted": [], "paper_table": ""}
+           "metrics": {}, "metrics_wanted": [], "paper_table": "", "weights_source": None}
     if status is None:
         row["reason"] = "no status.json/results.json (never started through the harness?)"
         return row
@@ -55,6 +55,8 @@ def read_run(run_dir):
     row["protocol"] = json.dumps(status.get("protocol", {}), sort_keys=True)
     row["metrics_wanted"] = status.get("metrics_wanted", [])
     row["paper_table"] = status.get("paper_table", "")
+    # a published checkpoint's name, URL and source sha256 (convert/zoo.py), None otherwise
+    row["weights_source"] = status.get("weights_source")
     if row["state"] == "complete":
         row["metrics"] = status.get("metrics", {})
         if not row["metrics"]:
@@ -76,7 +78,7 @@ def collect(runs_root):
                   if os.path.isdir(d))
     rows = [read_run(d) for d in dirs]
     columns = ["task", "scale", "weights", "seed", "path", "state", "reason", "protocol",
-               "metrics", "metrics_wanted", "paper_table"]
+               "metrics", "metrics_wanted", "paper_table", "weights_source"]
     return pd.DataFrame(rows, columns=columns)
 
 

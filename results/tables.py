@@ -102,6 +102,7 @@ class Table:
     protocols: dict  # task -> protocol json
     excluded: list = field(default_factory=list)  # rows of runs not in the means
     reference_rows: dict = field(default_factory=dict)  # label -> {(task, metric): value}
+    sources: dict = field(default_factory=dict)  # weights -> published checkpoint's record
 
     def column_label(self, task, metric):
         return metric if len({t for t, _ in self.columns}) == 1 else f"{task}: {metric}"
@@ -129,6 +130,9 @@ class Table:
         lines += self.pvalue_lines()
         if self.scale != "full":
             lines.append(f"Scale '{self.scale}': NOT the paper's protocol; paper rows omitted.")
+        for w, src in self.sources.items():
+            lines.append(f"Weights '{ROW_LABEL.get(w, w)}': published checkpoint {src['name']}, "
+                         f"{src['url']}, source sha256 {src['sha256']}")
         for e in self.excluded:
             lines.append(f"Not in the means: {e['task']} / {e['weights']} / seed {e['seed']}: "
                          f"{e['state']}" + (f" ({e['reason']})" if e["reason"] else ""))
@@ -204,5 +208,10 @@ def _one_table(title, scale, runs, protocols):
                 for metric, value in values.items():
                     if (task, metric) in columns:
                         reference.setdefault(label, {})[(task, metric)] = value
+    sources = {}
+    if "weights_source" in runs:  # the first record of each weights' runs
+        for w, src in zip(runs["weights"], runs["weights_source"]):
+            if isinstance(src, dict) and w not in sources:
+                sources[w] = src
     return Table(title, scale, columns, stats_, weights, protocols,
-                 excluded.to_dict("records"), reference)
+                 excluded.to_dict("records"), reference, dict(sorted(sources.items())))

@@ -204,7 +204,7 @@ def test_recorded_sha256_of_a_changed_cache_file_is_refused(served, tmp_path):
 
 
 def test_unknown_name_lists_the_known_ones_with_the_nearest(served, tmp_path):
-    from transfer.weights import parse_weights
+    from transfer.weights import parse_weights, read_spec
 
     server, _, digests = served
     opts = options(tmp_path, server, digests)
@@ -217,8 +217,11 @@ def test_unknown_name_lists_the_known_ones_with_the_nearest(served, tmp_path):
     old = os.getcwd()
     os.chdir(tmp_path)
     try:
-        assert parse_weights("moco_v2_800ep", opts.registry) == ("moco_v2_800ep",
-                                                                 "moco_v2_800ep")
+        registry = zoo.load_registry(opts.registry)
+        spec = read_spec("moco_v2_800ep", registry)  # the file, not the name
+        assert (spec.label, spec.path, spec.entry) == ("moco_v2_800ep", "moco_v2_800ep", None)
+        assert read_spec("x=moco_v2_800ep", registry).entry is None
+        assert read_spec("swav_800ep", registry).entry.name == "swav_800ep"
         assert parse_weights("mine=swav_800ep", opts.registry) == ("mine", "swav_800ep")
         assert parse_weights("supervised", opts.registry) == ("supervised", "msra_r50")
         assert parse_weights("nope/x.pkl", opts.registry) == ("x", "nope/x.pkl")
@@ -314,6 +317,8 @@ def synthetic_datasets(tmp_path, monkeypatch):
 
 def test_suite_mixes_names_paths_and_baselines_and_a_smoke_run_by_name_records_its_source(
         served, r18, tmp_path, synthetic_datasets, capsys):  # noqa: F811
+    from results.collect import collect
+    from results.tables import build_tables
     from tools.suite import main as suite_main
 
     server, _, digests = served
@@ -343,6 +348,11 @@ def test_suite_mixes_names_paths_and_baselines_and_a_smoke_run_by_name_records_i
                                      "url": server.url("moco_v2_800ep_pretrain.pth.tar"),
                                      "sha256": digests["moco_v2_800ep"]["sha256"]}
     assert res["weights_file"] == os.path.join(opts.cache, "moco_v2_800ep", "moco_v2_800ep.pkl")
+    # the table's footnote names the published checkpoint
+    table, = build_tables(collect(str(runs)))
+    assert (f"Weights 'moco_v2_800ep': published checkpoint moco_v2_800ep, "
+            f"{server.url('moco_v2_800ep_pretrain.pth.tar')}, source sha256 "
+            f"{digests['moco_v2_800ep']['sha256']}") in table.notes()
 
 
 def test_linear_classification_by_name_reads_the_layout_the_method_evaluates(
