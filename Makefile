@@ -33,7 +33,8 @@ NAME      ?=
 ZOO_CACHE ?=
 MIRROR    ?=
 OFFLINE   ?=
-ZOO_FLAGS = $(if $(ZOO_CACHE),--zoo-cache $(ZOO_CACHE)) $(if $(MIRROR),--mirror $(MIRROR)) $(if $(OFFLINE),--offline)
+ZOO_FLAGS = $(if $(ZOO_CACHE),--zoo-cache $(ZOO_CACHE)) $(if $(MIRROR),--mirror $(MIRROR)) \
+  $(if $(OFFLINE),--offline)
 # transfer
 TASK     ?=
 WEIGHTS  ?= random
@@ -109,7 +110,8 @@ zoo: $(STAMP)
 convert: $(STAMP)
 	$(PYTHON) convert/to_detectron2.py $(CKPT) $(TRUST_FLAG) $(ARGS)
 
-# Fine-tune and evaluate one task: TASK=name WEIGHTS=<.pkl|name|supervised|random> SEED SCALE NUM_GPUS.
+# Fine-tune and evaluate one task: TASK=name WEIGHTS=<.pkl|name|supervised|random> SEED SCALE
+# NUM_GPUS (name: a published checkpoint, make zoo).
 transfer: $(STAMP)
 	$(PYTHON) -m transfer.train_net --task $(TASK) --weights $(WEIGHTS) --seed $(SEED) \
 	  --scale $(SCALE) --num-gpus $(NUM_GPUS) $(if $(OUTPUT),--output $(OUTPUT)) \
@@ -128,7 +130,8 @@ tasks: $(STAMP)
 # Plan and run every TASKS x WEIGHTS x SEEDS run (skips complete ones, resumes the rest).
 suite: $(STAMP)
 	$(PYTHON) -m tools.suite --tasks "$(TASKS)" --weights "$(WEIGHTS)" --seeds $(SEEDS) --jobs $(JOBS) \
-	  --scale $(SCALE) --runs $(RUNS) $(if $(DRY_RUN),--dry-run) $(VERBOSE_FLAG) $(ZOO_FLAGS) $(ARGS)
+	  --scale $(SCALE) --runs $(RUNS) $(if $(DRY_RUN),--dry-run) $(VERBOSE_FLAG) $(ZOO_FLAGS) \
+	  $(ARGS)
 
 # Collate the runs under RUNS into the paper's tables and an HTML report under OUT.
 results: $(STAMP)

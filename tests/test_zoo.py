@@ -175,6 +175,37 @@ def test_make_zoo_lists_checksum_kind_and_cached(served, tmp_path, capsys):
     assert " published md5_prefix " in lines["moco_v2_800ep"] and " no " in lines["moco_v2_800ep"]
 
 
+def test_concurrent_users_of_one_name_fetch_and_convert_it_once(served, tmp_path,
+                                                                monkeypatch):
+    """Runs of a suite (JOBS=N) or ranks asking for the same name at once: one download, one
+    conversion (a slow conversion leaves the others time to go past the download's own lock)."""
+    import threading
+    import time
+
+    _, folder, digests = served
+    conversions = []
+    convert_entry = zoo.convert_entry
+
+    def slow_convert(*args, **kwargs):
+        conversions.append(1)
+        time.sleep(0.5)
+        return convert_entry(*args, **kwargs)
+
+    monkeypatch.setattr(zoo, "convert_entry", slow_convert)
+    results = []
+    with LoopbackServer(folder=folder, delay=0.001) as server:
+        opts = options(tmp_path, server, digests)
+        threads = [threading.Thread(
+            target=lambda: results.append(zoo.resolve("torchvision_resnet50", opts)))
+            for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert len(results) == 3 and len({r.pkl for r in results}) == 1
+    assert len(server.requests_for("resnet50-0676ba61.pth")) == 1 and len(conversions) == 1
+
+
 # ---------------------------------------------------------------- bad input, one line each
 def test_published_prefix_mismatch_refuses_and_removes_the_file(served, tmp_path):
     server, _, digests = served
@@ -371,5 +402,6 @@ def test_linear_classification_by_name_reads_the_layout_the_method_evaluates(
     for key, value in r18.items():  # DINO's teacher (the student was written shifted by 1)
         if not key.startswith("fc."):
             torch.testing.assert_close(lin["state_dict"]["module." + key], value)
-    assert fetch.read_manifest(os.path.join(opts.cache, "dino_resnet50"))[
-        "dino_resnet50_pretrain_full_checkpoint.pth"]["sha256"] == digests["dino_resnet50"]["sha256"]
+    recorded = fetch.read_manifest(os.path.join(opts.cache, "dino_resnet50"))
+    assert recorded["dino_resnet50_pretrain_full_checkpoint.pth"]["sha256"] == \
+        digests["dino_resnet50"]["sha256"]

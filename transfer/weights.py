@@ -7,9 +7,10 @@ file is the file, even where it is also a name.
 
 A name is fetched and converted by ``prepare_weights`` (the program does it once, before any
 process starts); the config reads the cached .pkl. Before that (a dry run) the config shows the
-.pkl's future path and the normalisation the registry's layout implies, and nothing is fetched. A .pkl written by ``convert/to_detectron2.py``
-carries its input normalisation and ResNet config (``moco_transfer`` metadata); the reference
-converters' outputs (``__author__`` MOCO / torchvision) are RGB with torchvision's statistics.
+.pkl's future path and the normalisation the registry's layout implies, and nothing is fetched.
+
+A .pkl written by ``convert/to_detectron2.py`` carries its input normalisation and ResNet config
+(``moco_transfer`` metadata); the reference converters' outputs (``__author__`` MOCO / torchvision) are RGB with torchvision's statistics.
 
 The .pkl is read as data only (``convert/safe_load.py``; ``trust``: --trust-checkpoint): here
 for its metadata, and by the checkpointer (``checkpoint.py``) for its weights.
@@ -17,8 +18,7 @@ for its metadata, and by the checkpointer (``checkpoint.py``) for its weights.
 import os
 from dataclasses import dataclass
 
-from convert import safe_load
-from convert import zoo
+from convert import safe_load, zoo
 from convert.formats import RGB_TORCHVISION
 from transfer.errors import WeightsError
 
