@@ -17,7 +17,8 @@ def describe_tasks():
 
 
 def main():
-    print("Transfer tasks (make transfer TASK=<task> WEIGHTS=<.pkl|supervised|random>):")
+    print("Transfer tasks (make transfer TASK=<task> WEIGHTS=<.pkl|name|supervised|random>; "
+          "names: make zoo):")
     print(tabulate(describe_tasks(), headers=["task", "paper table", "what"]))
 
 
