@@ -319,21 +319,21 @@ def test_offline_uses_the_cache_and_names_what_it_would_fetch(served, tmp_path):
 
 
 def test_offline_transfer_by_name_says_in_one_line_what_it_would_fetch(served, tmp_path):
-    import subprocess
-    import sys
-
-    from tests.conftest import ROOT
+    from convert.runtime import entry_point
+    from transfer.train_net import execute, parse_args
 
     server, _, digests = served
     opts = options(tmp_path, server, digests)
-    res = subprocess.run([sys.executable, "-m", "transfer.train_net", "--task", TASK,
-                          "--weights", "moco_v2_800ep", "--zoo-registry", opts.registry,
-                          "--zoo-cache", opts.cache, "--offline"],
-                         capture_output=True, text=True, cwd=ROOT)
-    assert res.returncode == 1
-    lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: weights 'moco_v2_800ep'")
-    assert "moco_v2_800ep_pretrain.pth.tar" in lines[0] and "MIRROR=" in lines[0]
+    count = len(server.log)
+    args = parse_args(["--task", TASK, "--weights", "moco_v2_800ep", "--runs",
+                       str(tmp_path / "runs"), "--zoo-registry", opts.registry, "--zoo-cache",
+                       opts.cache, "--offline"])
+    with pytest.raises(SystemExit) as e:  # what the program prints on stderr, and exits 1
+        entry_point(execute, args)
+    msg = str(e.value.code)
+    assert "\n" not in msg and msg.startswith("error: weights 'moco_v2_800ep': ")
+    assert "moco_v2_800ep_pretrain.pth.tar" in msg and "MIRROR=" in msg
+    assert len(server.log) == count and not os.path.exists(tmp_path / "runs")
 
 
 # ---------------------------------------------------------------- runs by name
