@@ -166,7 +166,7 @@ def test_voc_segmentation_trains_on_the_built_root(gen, server, tmp_path):
     env = dict(os.environ, DETECTRON2_DATASETS=str(root), PYTHONPATH=ROOT)
     res = subprocess.run([sys.executable, "-m", "transfer.train_net", "--task",
                           "voc_semseg_fcn_30k", "--weights", "random", "--scale", "smoke",
-                          "--runs", str(tmp_path / "runs"), "SOLVER.MAX_ITER", "1"],
+                          "--runs", str(tmp_path / "runs"), "SOLVER.MAX_ITER", "2"],
                          capture_output=True, text=True, cwd=ROOT, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     out = tmp_path / "runs" / "voc_semseg_fcn_30k@smoke" / "random" / "seed0"
@@ -271,11 +271,14 @@ def test_imagenet_pretrains_on_the_built_folder(gen, server, tmp_path):
     assert make_data(gen, "imagenet", root, "--imagenet", gen["archives"]) == 0
     res = subprocess.run([sys.executable, "-m", "pretrain.main_moco", "--data",
                           str(root / "imagenet" / "train"), "--output", str(tmp_path / "out"),
-                          "--epochs", "1", "--batch-size", "2", "--arch", "resnet18",
-                          "--workers", "0"],
+                          "--epochs", "1", "--batch-size", "2", "--shuffle-groups", "2",
+                          "--moco-k", "4", "--image-size", "64", "--arch", "resnet18",
+                          "--max-iters", "2", "--workers", "0"],
                          capture_output=True, text=True, cwd=ROOT,
                          env=dict(os.environ, PYTHONPATH=ROOT))
     assert res.returncode == 0, res.stderr[-3000:]
+    saved = [f for _, _, fs in os.walk(tmp_path / "out") for f in fs if ".pth" in f]
+    assert saved, os.listdir(tmp_path / "out")
 
 
 # ---------------------------------------------------------------- failures, mirrors, clusters

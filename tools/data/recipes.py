@@ -92,3 +92,22 @@ def forget(root, name):
     data = read_manifest(root)
     if data.pop(name, None) is not None:
         write_json_atomic(data, os.path.join(root, MANIFEST), indent=1, sort_keys=True)
+
+
+def missing_for(dataset_names, recipes, built):
+    """(the recipes to build for the detectron2 datasets named: those providing them whose
+    build, or a dependency's, is not recorded; names no recipe provides). `make data` of a
+    recipe builds its dependencies first, so only the providers are named."""
+    providers = {d: name for name, r in recipes["datasets"].items()
+                 for d in r.get("provides", [])}
+    unknown = [d for d in dataset_names if d not in providers]
+    wanted = []
+    for d in dataset_names:
+        name = providers.get(d)
+        if name and name not in wanted and any(n not in built for n in resolve(recipes, name)):
+            wanted.append(name)
+    return wanted, unknown
+
+
+def make_data_command(names, root):
+    return " && ".join(f"make data DATASET={n} ROOT={root}" for n in names)
