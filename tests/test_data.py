@@ -173,6 +173,18 @@ def test_voc_segmentation_trains_on_the_built_root(gen, server, tmp_path):
     with open(out / "results.json") as f:
         res = json.load(f)
     assert res["state"] == "complete" and "sem_seg/mIoU" in res["metrics"]
+    # make doctor reads the manifest: the VOC tasks ready, the others with the command to run
+    doctor = subprocess.run([sys.executable, "-m", "tools.doctor"], capture_output=True,
+                            text=True, cwd=ROOT, env=env)
+    assert doctor.returncode == 0, doctor.stderr[-3000:]
+    lines = {line.split()[0]: " ".join(line.split()) for line in doctor.stdout.splitlines()
+             if line.startswith("  ") and line.split()}
+    for task in ("voc07_frcnn_c4_9k", "voc_frcnn_c4_24k", "voc_frcnn_dc5_24k",
+                 "voc_semseg_fcn_30k"):
+        assert lines[task] == f"{task} ready"
+    assert lines["coco_mask_fpn_1x"].endswith(f"; run: make data DATASET=coco ROOT={root}")
+    assert lines["voc_sbd"].startswith("voc_sbd built ") and \
+        lines["voc_sbd"].endswith("train_aug images 9, val images 2")
 
 
 # ---------------------------------------------------------------- COCO, LVIS, DensePose
@@ -294,6 +306,18 @@ def test_checksum_mismatch_leaves_nothing(gen, server, tmp_path, capsys):
     assert err.count("\n") == 1 and "is not the published " + "0" * 32 in err
     assert not os.path.exists(root / "VOC2007")
     assert [f for f in os.listdir(root / "archives") if f.endswith((".tar", ".part"))] == []
+
+
+def test_counts_that_are_not_the_official_ones_are_refused(gen, server, tmp_path, capsys):
+    with open(gen["recipes"]) as f:
+        recipes = json.load(f)
+    recipes["datasets"]["voc2007"]["counts"]["VOC2007 test images"] = 3
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(recipes))
+    root = tmp_path / "datasets"
+    assert main(["voc2007", "--root", str(root), "--recipes", str(bad), "--no-progress"]) == 2
+    assert "VOC2007 test images: 2 (official 3)" in capsys.readouterr().err
+    assert not os.path.exists(root / MANIFEST) or "voc2007" not in manifest(root)
 
 
 def test_404_then_the_mirror(gen, server, tmp_path):

@@ -123,7 +123,7 @@ def count(name, recipe, root):
     return counts
 
 
-def build_one(name, recipe, args, root, cache):
+def build_one(name, recipe, args, root, cache, dependents=()):
     progress = not args.no_progress
     built = read_manifest(root).get(name)
     if args.verify and not args.fetch_only:
@@ -158,7 +158,10 @@ def build_one(name, recipe, args, root, cache):
     if recipe.get("convert"):
         CONVERTERS[recipe["convert"]](staging, root, {k: v.path for k, v in files.items()},
                                       progress)
-    forget(root, name)   # from here until recorded, the dataset is not ready
+    # from here until recorded, the dataset is not ready, nor those built on it (SBD's labels
+    # live in VOC2012/, which the moves below replace)
+    for n in [name] + list(dependents):
+        forget(root, n)
     for src, dst in recipe.get("moves", {}).items():
         if not os.path.lexists(os.path.join(staging, src)):
             raise UserError(f"the archives of {name} hold no {src}: not the official ones? "
@@ -193,7 +196,8 @@ def main(argv=None):
         lock.acquire()
     try:
         for name in names:
-            build_one(name, recipes["datasets"][name], args, root, cache)
+            dependents = [n for n, r in recipes["datasets"].items() if name in r.get("needs", [])]
+            build_one(name, recipes["datasets"][name], args, root, cache, dependents)
         if args.fetch_only:
             print(f"fetched into {cache}; build elsewhere with: make data "
                   f"DATASET={args.dataset} MIRROR={cache}")
