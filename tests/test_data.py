@@ -433,3 +433,17 @@ def test_detectron2_loads_every_built_dataset(gen, server, tmp_path):
     assert got["cityscapes_fine_instance_seg_train"][0] == \
         c["cityscapes"]["train images"]
     assert {name: v[2] for name, v in got.items()} == {name: 0 for name in names}
+
+
+def test_a_truncated_archive_is_one_line(gen, tmp_path):
+    from convert.errors import UserError
+    from tools.data.extract import extract
+    for name, kind in (("VOCtrainval_06-Nov-2007.tar", "tar"), ("benchmark.tgz", "tar"),
+                       ("val2017.zip", "zip")):
+        data = open(os.path.join(gen["archives"], name), "rb").read()
+        cut = tmp_path / name
+        cut.write_bytes(data[: len(data) // 2])
+        with pytest.raises(UserError) as e:
+            extract(str(cut), kind, str(tmp_path / "out"))
+        assert str(e.value).startswith(f"{cut} is not a complete {name} (")
+        assert str(e.value).endswith("delete it and run again to download it afresh")

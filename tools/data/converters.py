@@ -12,7 +12,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from convert.errors import UserError
-from tools.data.extract import iter_tar
+from tools.data.extract import iter_tar, reading
 
 CONVERTERS = {}
 
@@ -129,6 +129,14 @@ def imagenet(staging, root, files, progress=True):
     imagenet/val/<wnid>/*.JPEG from the val tar and the devkit's labels."""
     labels = imagenet_val_labels(files["ILSVRC2012_devkit_t12.tar.gz"])
     train_tar = files["ILSVRC2012_img_train.tar"]
+    with reading(train_tar):
+        _imagenet_train(train_tar, staging, progress)
+    val_tar = files["ILSVRC2012_img_val.tar"]
+    with reading(val_tar):
+        _imagenet_val(val_tar, labels, staging, progress)
+
+
+def _imagenet_train(train_tar, staging, progress):
     for tf, member in iter_tar(train_tar, progress):
         wnid, ext = os.path.splitext(os.path.basename(member.name))
         if not member.isfile() or ext != ".tar":
@@ -139,7 +147,9 @@ def imagenet(staging, root, files, progress=True):
                 if image.isfile():
                     _write(inner.extractfile(image), os.path.join(
                         staging, "imagenet", "train", wnid, os.path.basename(image.name)))
-    val_tar = files["ILSVRC2012_img_val.tar"]
+
+
+def _imagenet_val(val_tar, labels, staging, progress):
     for tf, member in iter_tar(val_tar, progress):
         name = os.path.basename(member.name)
         try:
