@@ -240,6 +240,11 @@ def test_cityscapes_with_credentials_then_train_ids(gen, server, tmp_path, capsy
     assert "gtFine_trainvaltest.zip: published md5 (the Cityscapes site's" in \
         capsys.readouterr().out
     assert manifest(root)["cityscapes"]["counts"] == gen["counts"]["cityscapes"]
+    # or from the zips the user already has: no login, no request
+    server.log.clear()
+    assert make_data(gen, "cityscapes", tmp_path / "other", "--mirror", gen["archives"]) == 0
+    assert server.log == []
+    assert manifest(tmp_path / "other")["cityscapes"]["counts"] == gen["counts"]["cityscapes"]
     # the trainId images are cityscapesscripts' json2labelImg's; the fixture drew the same
     fixture = gen["details"]["cityscapes"]["root"]
     made = sorted(os.path.relpath(os.path.join(d, f), root / "cityscapes")
