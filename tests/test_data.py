@@ -452,3 +452,18 @@ def test_a_truncated_archive_is_one_line(gen, tmp_path):
             extract(str(cut), kind, str(tmp_path / "out"))
         assert str(e.value).startswith(f"{cut} is not a complete {name} (")
         assert str(e.value).endswith("delete it and run again to download it afresh")
+
+
+def test_a_build_killed_halfway_starts_its_staging_over(gen, server, tmp_path):
+    """What a killed build leaves (a staging folder half extracted, a .part) is not read by
+    the harness, and the next run finishes without downloading verified archives again."""
+    root = tmp_path / "datasets"
+    assert make_data(gen, "voc2007", root, "--fetch-only") == 0
+    stale = root / ".staging" / "voc2007" / "VOCdevkit" / "VOC2007"
+    stale.mkdir(parents=True)
+    (stale / "half_written.jpg").write_bytes(b"\xff\xd8")
+    server.log.clear()
+    assert make_data(gen, "voc2007", root) == 0
+    assert server.log == []   # the cached archives, verified, not fetched again
+    assert not (root / "VOC2007" / "half_written.jpg").exists()
+    assert manifest(root)["voc2007"]["counts"] == gen["counts"]["voc2007"]
