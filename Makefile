@@ -27,13 +27,12 @@ CKPT ?=
 # TRUST=1: load a checkpoint that holds more than data (--trust-checkpoint; it can run code)
 TRUST ?=
 TRUST_FLAG = $(if $(TRUST),--trust-checkpoint)
-# published checkpoints by name (make zoo): ZOO_CACHE=folder (default ~/.cache/moco-transfer/
-# checkpoints), MIRROR=URL|DIR (also tried), OFFLINE=1 (no request: the cache and MIRROR folders)
+# published checkpoints by name (make zoo NAME=x): ZOO_CACHE=folder (default ~/.cache/
+# moco-transfer/checkpoints); MIRROR=URL|DIR (tried first) and OFFLINE=1 (no request: the cache
+# and MIRROR folders), as for datasets (defined below)
 NAME      ?=
 ZOO_CACHE ?=
-MIRROR    ?=
-OFFLINE   ?=
-ZOO_FLAGS = $(if $(ZOO_CACHE),--zoo-cache $(ZOO_CACHE)) $(if $(MIRROR),--mirror $(MIRROR)) \
+ZOO_FLAGS = $(if $(ZOO_CACHE),--zoo-cache $(ZOO_CACHE)) $(foreach m,$(MIRROR),--mirror $(m)) \
   $(if $(OFFLINE),--offline)
 # transfer
 TASK     ?=
@@ -42,6 +41,21 @@ SEED     ?= 0
 SCALE    ?= full
 NUM_GPUS ?= 1
 DRY_RUN  ?=
+# datasets (make data): DATASET=<name>|voc|lvis|coco_all|all, ROOT (default DETECTRON2_DATASETS or
+# ./datasets), MIRROR=<folder or URL> (archives looked up there first), CACHE (archives; default
+# ROOT/archives), FETCH_ONLY=1, OFFLINE=1, KEEP_ARCHIVES=0, VERIFY=1, IMAGENET=<folder of tars>,
+# CREDENTIALS=<json> (Cityscapes), RECIPES=<override json>
+DATASET       ?=
+ROOT          ?=
+MIRROR        ?=
+CACHE         ?=
+FETCH_ONLY    ?=
+OFFLINE       ?=
+KEEP_ARCHIVES ?= 1
+VERIFY        ?=
+IMAGENET      ?=
+CREDENTIALS   ?=
+RECIPES       ?=
 # suite / results
 TASKS ?=
 SEEDS ?= 1
@@ -49,7 +63,7 @@ JOBS  ?= 1
 RUNS  ?= runs
 OUT   ?= results/out
 
-.PHONY: zoo help setup doctor test bench bench-tasks bench-processes bench-mechanisms pretrain lincls supervised convert transfer densepose-fixture tasks suite results demo bench-demo clean
+.PHONY: zoo help setup doctor data test bench bench-tasks bench-processes bench-mechanisms pretrain lincls supervised convert transfer densepose-fixture tasks suite results demo bench-demo clean
 
 # List the targets and the transfer tasks.
 help: $(STAMP)
@@ -68,6 +82,14 @@ $(STAMP): requirements.txt pyproject.toml tools/install_detectron2.py
 # Report versions, compiled ops, CUDA, datasets found and which tasks can run.
 doctor: $(STAMP)
 	$(PYTHON) -m tools.doctor
+
+# Download, verify, convert and lay out a dataset of the protocol (docs/datasets.md):
+# DATASET=voc|voc2007|voc2012|voc_sbd|coco|coco2014|lvis|densepose|cityscapes|imagenet|all.
+data: $(STAMP)
+	$(PYTHON) -m tools.data $(DATASET) $(if $(ROOT),--root $(ROOT)) $(if $(CACHE),--cache $(CACHE)) \
+	  $(foreach m,$(MIRROR),--mirror $(m)) $(if $(FETCH_ONLY),--fetch-only) $(if $(OFFLINE),--offline) \
+	  --keep-archives $(KEEP_ARCHIVES) $(if $(VERIFY),--verify) $(if $(IMAGENET),--imagenet $(IMAGENET)) \
+	  $(if $(CREDENTIALS),--credentials $(CREDENTIALS)) $(if $(RECIPES),--recipes $(RECIPES)) $(ARGS)
 
 # Run the whole test suite on CPU.
 test: $(STAMP)

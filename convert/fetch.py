@@ -141,14 +141,21 @@ def _verify(path, remote, cache_dir, mirror_dirs, source):
     if remote.size is not None and size != remote.size:
         raise _SourceFailed(f"{size} bytes where {remote.size} are expected")
     md5, sha = _hashes(path)
+    published = None
     if remote.sha256:
         if sha != remote.sha256.lower():
             raise _SourceFailed(f"sha256 {sha} is not the published {remote.sha256}")
-        return sha, "published sha256"
-    if remote.md5:
+        published = "published sha256"
+    elif remote.md5:
         if md5 != remote.md5.lower():
             raise _SourceFailed(f"md5 {md5} is not the published {remote.md5}")
-        return sha, "published md5"
+        published = "published md5"
+    if published:
+        # the sha256 of a verified file is recorded too: a later use that only has the name
+        # (a cache given as a mirror, a login site out of reach) still checks it
+        if read_manifest(cache_dir).get(remote.filename, {}).get("sha256") != sha:
+            _record(cache_dir, remote.filename, sha, size, source)
+        return sha, published
     expected, where = _recorded(remote, cache_dir, mirror_dirs)
     if expected is None:
         _record(cache_dir, remote.filename, sha, size, source)

@@ -8,8 +8,9 @@ Range requests, a "cut mid-file" mode, forced statuses, a slow mode and a log of
         server.log                          # [Request(path, range, status, sent), ...]
 
 Binds 127.0.0.1 on an ephemeral port, in a thread; stopped when the ``with`` block ends.
-``routes`` maps a path to ``handler(request_handler) -> bool`` for anything else (a login page);
-a route returning False falls through to the files.
+``routes`` maps a path (without the query) to ``route(request_handler, method) -> bool`` for
+anything else (a login page); it answers with ``reply`` or ``serve_bytes``; returning False
+falls through to the files.
 """
 import dataclasses
 import http.server
@@ -34,7 +35,7 @@ class LoopbackServer:
         self.folder = folder             # files are also looked up here by name
         self.cut = {}                    # name -> bytes sent before the connection is closed
         self.status = {}                 # path -> status code
-        self.routes = {}                 # path -> handler(request_handler) -> bool
+        self.routes = {}                 # path -> route(request_handler, method) -> bool
         self.delay = delay               # seconds between 64 KiB chunks (overlapping clients)
         self.log = []
         self._lock = threading.Lock()
@@ -105,6 +106,10 @@ class LoopbackServer:
                 return f.read()
         return None
 
+    def reply(self, handler, method, status, body=b"", headers=()):
+        """A whole answer (for routes)."""
+        self._reply(handler, method, status, body, headers)
+
     def _reply(self, handler, method, status, body=b"", headers=()):
         handler.send_response(status)
         for key, value in headers:
@@ -116,8 +121,7 @@ class LoopbackServer:
 
     def _serve(self, handler, method):
         path = handler.path.split("?")[0]
-        if path in self.routes and self.routes[path](handler):
-            self._record(handler, method, 0, 0)
+        if path in self.routes and self.routes[path](handler, method):
             return
         if path in self.status:
             return self._reply(handler, method, self.status[path], b"no")
@@ -125,6 +129,10 @@ class LoopbackServer:
         data = self._data(name)
         if data is None:
             return self._reply(handler, method, 404, b"not found")
+        self.serve_bytes(handler, method, name, data)
+
+    def serve_bytes(self, handler, method, name, data):
+        """Answer with ``data`` as a file called ``name``: Range requests, the cut mode."""
         start, status, headers = 0, 200, [("Accept-Ranges", "bytes")]
         asked = handler.headers.get("Range", "")
         if asked.startswith("bytes=") and asked.endswith("-"):

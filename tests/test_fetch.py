@@ -33,7 +33,10 @@ def test_published_md5_verified_and_second_use_makes_no_request(server, tmp_path
     again = fetch(remote, tmp_path, progress=False)
     assert (again.source, again.checksum_kind) == ("cache", "published md5")
     assert len(server.requests_for("a.tar")) == 1
-    assert sorted(os.listdir(tmp_path)) == ["a.tar", "a.tar.lock"]   # no .part left
+    assert sorted(os.listdir(tmp_path)) == [".fetch-manifest.json.lock", "a.tar", "a.tar.lock",
+                                            MANIFEST]   # no .part left
+    assert read_manifest(tmp_path)["a.tar"]["sha256"] == SHA   # for uses without the md5
+    assert fetch(Remote("a.tar"), tmp_path, offline=True).checksum_kind == "recorded sha256"
 
 
 def test_cut_download_resumes_with_a_range_request(server, tmp_path):
@@ -65,7 +68,7 @@ def test_a_server_that_ignores_the_range_restarts_the_part(server, tmp_path):
     server.files["a.tar"] = DATA
     # the loopback server honours ranges; a 200 to a range request is what this checks, so
     # a route answers the whole file whatever was asked
-    def whole(handler):
+    def whole(handler, method):
         handler.send_response(200)
         handler.send_header("Content-Length", str(len(DATA)))
         handler.end_headers()

@@ -7,6 +7,10 @@ import json
 import os
 import sys
 
+from convert.errors import UserError
+from tools.data.recipes import (MANIFEST, load_recipes, make_data_command, missing_for,
+                                read_manifest)
+
 # (name, detectron2 datasets it comprises, how to count it)
 KNOWN_DATASETS = [
     ("COCO 2017", ["coco_2017_train", "coco_2017_val"]),
@@ -109,15 +113,39 @@ def main():
         print(f"  {label:<22} " + "; ".join(parts))
     print(f"  {'DensePose data files':<22} " + densepose_files())
 
+    root = datasets.dataset_root()
+    recipes = load_recipes()
+    try:
+        built = read_manifest(root)
+    except UserError as e:
+        print(f"problem: {e}")
+        built = {}
+    print(f"make data    {os.path.join(root, MANIFEST)}"
+          f"{'' if built else ' (absent: no dataset built by make data)'}")
+    for name in recipes["datasets"]:
+        if name in built:
+            counts = ", ".join(f"{k} {v}" for k, v in built[name].get("counts", {}).items())
+            print(f"  {name:<12} built {built[name].get('built', '?')}: {counts}")
+        else:
+            print(f"  {name:<12} not built: {make_data_command([name], root)}")
+
     print("tasks:")
     for task in known_tasks():
         cfg = load_task_config(task)
+        names = list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST)
+        todo, _ = missing_for(names, recipes, built)
         try:
-            datasets.check_datasets(list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST))
-            print(f"  {task:<26} can run")
+            datasets.check_datasets(names)
         except (datasets.DatasetMissing, KeyError) as e:
             first = str(e).splitlines()[0]
-            print(f"  {task:<26} cannot run: {first}")
+            fix = f"; run: {make_data_command(todo, root)}" if todo else ""
+            print(f"  {task:<26} cannot run: {first}{fix}")
+            continue
+        if todo:
+            print(f"  {task:<26} can run (files present, not built by make data: "
+                  f"{', '.join(todo)} unverified)")
+        else:
+            print(f"  {task:<26} ready")
     return 0
 
 

@@ -1,0 +1,5 @@
+import sys
+
+from tools.data.build import entry
+
+sys.exit(entry())
