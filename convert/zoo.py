@@ -289,8 +289,8 @@ def add_zoo_flags(parser):
                    help="cache folder of fetched and converted checkpoints (default "
                         "$XDG_CACHE_HOME/moco-transfer/checkpoints, ~/.cache without it)")
     g.add_argument("--mirror", action="append", default=[],
-                   help="URL or folder holding the checkpoint files, tried after the registry's "
-                        "URLs (repeatable)")
+                   help="URL or folder holding the checkpoint files under their published "
+                        "names, tried before the registry's URLs (repeatable)")
     g.add_argument("--offline", action="store_true",
                    help="make no request: use the cache and --mirror folders only")
     g.add_argument("--zoo-registry", default=REGISTRY_FILE, help="the registry file (zoo.yaml)")
