@@ -50,7 +50,7 @@ help: $(STAMP)
 
 # Create $(VENV) and install everything pinned (torch, detectron2 v0.6 pure-Python, ...).
 setup: $(STAMP)
-$(STAMP): requirements.txt pyproject.toml tools/install_detectron2.py
+$(STAMP): requirements.txt pyproject.toml tools/install_detectron2.py tools/d2_first_import.py
 	test -x $(PYTHON) || python3 -m venv $(VENV)
 	$(PYTHON) -m pip install -q -r requirements.txt
 	$(PYTHON) -m pip install -q --no-deps --no-build-isolation -e .

@@ -2,9 +2,11 @@
 
 detectron2's Python code imports its compiled extension ``detectron2._C`` at module level (for
 deformable/rotated ops and the fast COCO evaluator). This project installs detectron2 v0.6 as
-pure Python (``tools/install_detectron2.py``), and with it a ``.pth`` file that calls
-``install()`` at interpreter start-up. ``install()`` puts ``StandInFinder`` first on ``sys.meta_path``. It
-asks the other finders, and steps in only where they find no compiled extension:
+pure Python (``tools/install_detectron2.py``), and with it a ``.pth`` file whose finder
+(``tools/d2_first_import.py``) calls ``install()`` at the first import of detectron2, from the
+``transfer`` that the importing process's search path finds (its own checkout). ``install()`` puts
+``StandInFinder`` first on ``sys.meta_path``. It asks the other finders, and steps in only where
+they find no compiled extension:
 
 - ``detectron2._C``: a module where importing works and every op that needs the extension raises
   ``CompiledOpMissing`` naming the op;
@@ -84,8 +86,7 @@ class _FasterCOCOevalLoader(importlib.abc.Loader):
     def exec_module(self, module):
         self.real_loader.exec_module(module)
         if is_stand_in(sys.modules.get(EXTENSION)):
-            # here, not at the top: the hook runs at every interpreter start and imports
-            # nothing heavy until detectron2's evaluation is imported
+            # here, not at the top: nothing heavy until detectron2's evaluation is imported
             from transfer.fast_eval import FasterCOCOeval
 
             module.COCOeval_opt = FasterCOCOeval
@@ -115,7 +116,7 @@ class StandInFinder(importlib.abc.MetaPathFinder):
 
 
 def install():
-    """Put the finder first, once (the .pth file that tools/install_detectron2.py writes)."""
+    """Put the finder first, once (at detectron2's first import: tools/d2_first_import.py)."""
     # detectron2 v0.6 on current torch/setuptools: deprecation notices, not problems
     warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*deprecated",
                             category=FutureWarning)
