@@ -241,3 +241,44 @@ def test_doctor_reports_build_datasets_and_tasks(dataset_root):
     if HAVE_SHARED:
         assert "coco_2017_val: 50 images, 382 annotations" in out
         assert "voc_frcnn_c4_24k           can run" in out
+
+
+def _attributes_read(package, names):
+    """(module alias, attribute) for every `alias.attribute` read in a package's sources."""
+    import ast
+    import importlib.util
+
+    root = os.path.dirname(importlib.util.find_spec(package).origin)
+    found = set()
+    for folder, _, files in os.walk(root):
+        for f in files:
+            if f.endswith(".py"):
+                for node in ast.walk(ast.parse(open(os.path.join(folder, f), "rb").read())):
+                    if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+                            and node.value.id in names):
+                        found.add((node.value.id, node.attr))
+    return found
+
+
+def test_every_numpy_and_pillow_name_detectron2_reads_exists():
+    """detectron2 v0.6 and lvis read np.float, np.bool, Image.LINEAR, ...: on numpy 2 and Pillow
+    10+ (the second environment of `make test`, a GPU machine's Python 3.12) the stand-in's
+    install answers the removed ones; here every name they read resolves, by value."""
+    import numpy as np
+    from PIL import Image
+
+    modules = {"np": np, "numpy": np, "Image": Image}
+    read = _attributes_read("detectron2", modules) | _attributes_read("lvis", modules)
+    assert {("np", "float"), ("np", "bool"), ("np", "str"), ("Image", "LINEAR")} <= read
+    missing = sorted(f"{m}.{a}" for m, a in read if not hasattr(modules[m], a))
+    assert missing == []
+    # the aliases mean what they meant (numpy 2's own np.bool is np.bool_)
+    assert np.float is float and np.int is int and np.str is str and np.object is object
+    assert np.bool in (bool, np.bool_) and Image.LINEAR == Image.BILINEAR
+    # and detectron2's code paths that read them run
+    from detectron2.data.transforms import ExtentTransform
+    from detectron2.structures.masks import polygons_to_bitmask
+
+    mask = polygons_to_bitmask([np.array([1.0, 1.0, 6.0, 1.0, 6.0, 5.0, 1.0, 5.0])], 8, 8)
+    assert mask.dtype == bool and mask.sum() == 20
+    assert ExtentTransform((0, 0, 4, 4), (4, 4)).interp == Image.BILINEAR
