@@ -48,6 +48,8 @@ TASK_FAMILIES = ("voc_frcnn_c4_24k", "coco_mask_fpn_1x", "coco_mask_c4_1x", "coc
                  "voc_semseg_fcn_30k")
 PRETRAIN_BATCH, PRETRAIN_ITERS, PRINT_FREQ = 256, 60, 10
 PHOTOS, PHOTO_SIZE = 1536, (480, 400)  # about ImageNet's mean photo (486 x 401)
+# seconds per step: together within 15 minutes of device time less start-up and installation
+LIMITS = {"tests": 300, "pretrain": 150, "input": 90, "tasks": 240, "nccl": 120}
 
 
 def stack():
@@ -155,7 +157,7 @@ def section(lines_in, device, steps, figures):
                   f"defaults) feeding the batched augmentation, **{i['loader_img_per_s']:.0f} "
                   f"images/s**; the batched augmentation alone on the GPU (batch 256, "
                   f"host-to-device copy included) {i['augment_img_per_s']:.0f} images/s."]
-    if "tasks" in figures:
+    if figures.get("tasks"):
         lines += ["", "One protocol-size training iteration per task family: the "
                   "`## One full-size training iteration per task` section that "
                   "tools/bench_tasks.py wrote (device named in its machine line)."]
@@ -186,35 +188,38 @@ def main(argv=None):
     device = f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
     which = set(args.only.split(","))
     steps, figures = [], {}
+
+    def record(name, status, seconds):  # the section after each step: a cut-off run keeps it
+        steps.append((name, status, seconds))
+        publish(args.out, section(line, device, steps, figures), "gpu_check")
+
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as work, \
             open(os.path.join(ROOT, "gpu-check.log"), "w") as log:
         if "tests" in which:
-            steps.append(("tests marked cuda", *run_step(
-                "tests", [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "tests"], 420,
-                log)))
+            record("tests marked cuda (pretraining, fine-tuning: killed, resumed)", *run_step(
+                "tests", [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "tests"],
+                LIMITS["tests"], log))
         photos = generated_photos(os.path.join(work, "photos"))
         for kind in ("pretrain", "input"):
             if kind in which:
-                status, seconds, fig = measured_step(kind, photos, work, 240, log)
-                steps.append((f"{kind} benchmark", status, seconds))
+                status, seconds, fig = measured_step(kind, photos, work, LIMITS[kind], log)
                 if fig:
                     figures[kind] = fig
+                record(f"{kind} benchmark", status, seconds)
         if "tasks" in which:
             status, seconds = run_step("tasks", [sys.executable, "-m", "tools.bench_tasks",
-                                                 "--out", args.out, *TASK_FAMILIES], 420, log)
-            steps.append(("one iteration per task family", status, seconds))
-            if status == "passed":
-                figures["tasks"] = True
+                                                 "--out", args.out, *TASK_FAMILIES],
+                                       LIMITS["tasks"], log)
+            figures["tasks"] = status == "passed"
+            record("one iteration per task family", status, seconds)
         if "nccl" in which:
             if torch.cuda.device_count() >= 2:
                 for name, cmd, env in nccl_steps(work, photos):
-                    steps.append((name, *run_step(name, cmd, 300, log, env)))
+                    record(name, *run_step(name, cmd, LIMITS["nccl"], log, env))
             else:
-                steps.append(("2-process NCCL runs", "not run: one GPU (NCCL refuses two "
-                              "ranks on one device)", 0.0))
-    publish(args.out, section(line, device, steps, figures), "gpu_check")
-    return 0 if all(s in ("passed",) or s.startswith("not run") for _, s, _ in steps) else 1
-
+                record("2-process NCCL runs", "not run: one GPU (NCCL refuses two ranks on one "
+                       "device)", 0.0)
+    return 0 if all(s == "passed" or s.startswith("not run") for _, s, _ in steps) else 1
 
 if __name__ == "__main__":
     sys.exit(main())
