@@ -40,6 +40,12 @@ MISSING = (
     ("hydra-core==1.3.2", False),
     ("lvis==0.5.3", False),
     ("kornia==0.9.0", False),
+    # Cityscapes: the fixtures' and evaluator's labels and evaluation scripts, with their needs
+    ("cityscapesscripts==2.2.4", False),
+    ("appdirs==1.4.4", False),
+    ("pyquaternion==0.9.9", False),
+    ("coloredlogs==15.0.1", False),
+    ("humanfriendly==10.0", False),
     ("pycocotools==2.0.8", True),
     ("faster-coco-eval==1.8.0", True),
     ("kornia-rs==0.2.0", True),
