@@ -4,6 +4,19 @@
 VENV     ?= .venv
 PYTHON   ?= $(VENV)/bin/python
 STAMP    := $(VENV)/.setup-stamp
+# the second environment of `make test`: numpy 2 and current Pillow over $(VENV) (same torch)
+VENV_NUMPY2  ?= .venv-numpy2
+NUMPY2_STAMP := $(VENV_NUMPY2)/.setup-stamp
+# its stated subset: detectron2's imports (the stand-in, the names later numpy/Pillow removed),
+# a smoke fine-tuning with evaluation and pretraining, each resumed, with the converter, and
+# the converter on pickled numpy arrays
+NUMPY2_TESTS := tests/test_detectron2_setup.py::test_plain_detectron2_imports_work_in_the_environment \
+  tests/test_detectron2_setup.py::test_every_numpy_and_pillow_name_detectron2_reads_exists \
+  tests/test_devices.py tests/test_convert.py::test_msra_style_pkl_of_numpy_arrays_passes_through
+# make gpu-check: the wheels and sources a GPU machine's Python 3.12 lacks (tools/gpu_bundle.py),
+# and that machine's own Python
+BUNDLE     ?= .gpu-bundle
+GPU_PYTHON ?= python3
 export PYTHONUNBUFFERED := 1
 
 # pretraining
@@ -63,7 +76,7 @@ JOBS  ?= 1
 RUNS  ?= runs
 OUT   ?= results/out
 
-.PHONY: zoo help setup doctor data test bench bench-tasks bench-processes bench-mechanisms pretrain lincls supervised convert transfer densepose-fixture tasks suite results demo bench-demo clean
+.PHONY: zoo help setup doctor data test test-numpy2 gpu-bundle gpu-check bench bench-tasks bench-processes bench-mechanisms pretrain lincls supervised convert transfer densepose-fixture tasks suite results demo bench-demo clean
 
 # List the targets and the transfer tasks.
 help: $(STAMP)
@@ -72,9 +85,9 @@ help: $(STAMP)
 
 # Create $(VENV) and install everything pinned (torch, detectron2 v0.6 pure-Python, ...).
 setup: $(STAMP)
-$(STAMP): requirements.txt pyproject.toml tools/install_detectron2.py
+$(STAMP): requirements.txt requirements-pinned.txt pyproject.toml tools/install_detectron2.py tools/d2_first_import.py
 	test -x $(PYTHON) || python3 -m venv $(VENV)
-	$(PYTHON) -m pip install -q -r requirements.txt
+	$(PYTHON) -m pip install -q -r requirements.txt -c requirements-pinned.txt
 	$(PYTHON) -m pip install -q --no-deps --no-build-isolation -e .
 	$(PYTHON) tools/install_detectron2.py
 	touch $(STAMP)
@@ -91,9 +104,28 @@ data: $(STAMP)
 	  --keep-archives $(KEEP_ARCHIVES) $(if $(VERIFY),--verify) $(if $(IMAGENET),--imagenet $(IMAGENET)) \
 	  $(if $(CREDENTIALS),--credentials $(CREDENTIALS)) $(if $(RECIPES),--recipes $(RECIPES)) $(ARGS)
 
-# Run the whole test suite on CPU.
+# Run the whole test suite on CPU, then its subset in the numpy 2 environment (test-numpy2).
 test: $(STAMP)
 	$(PYTHON) -m pytest -q tests
+	$(MAKE) --no-print-directory test-numpy2
+
+$(NUMPY2_STAMP): $(STAMP) requirements-numpy2.txt tools/layer_env.py
+	$(PYTHON) -m tools.layer_env $(VENV_NUMPY2) requirements-numpy2.txt
+	touch $(NUMPY2_STAMP)
+
+# The stated subset on Python 3.11 with numpy 2 and current Pillow, torch as in .venv.
+test-numpy2: $(NUMPY2_STAMP)
+	$(VENV_NUMPY2)/bin/python -m pytest -q -p no:cacheprovider $(NUMPY2_TESTS)
+
+# Wheels (cp312) and sources a GPU machine's Python 3.12 lacks, into $(BUNDLE) (pip download).
+gpu-bundle:
+	python3 -m tools.gpu_bundle download $(BUNDLE)
+
+# On a GPU machine (its own python3; $(BUNDLE) carried): install $(BUNDLE) offline, the cuda
+# tests (smoke runs with resume), the GPU benchmarks, 2-process NCCL runs (2+ GPUs) -> BENCHMARKS.md.
+gpu-check:
+	$(GPU_PYTHON) -m tools.gpu_bundle install $(BUNDLE)
+	$(GPU_PYTHON) -m tools.gpu_check --out BENCHMARKS.md $(ARGS)
 
 # Benchmarks (pretraining throughput, split augmentation vs PIL, harness overhead, converter,
 # results) -> BENCHMARKS.md.
@@ -178,4 +210,4 @@ bench-demo: $(STAMP)
 	$(PYTHON) -m tools.bench_demo --out BENCHMARKS.md $(ARGS)
 
 clean:
-	rm -rf $(VENV) demo_out
+	rm -rf $(VENV) $(VENV_NUMPY2) demo_out

@@ -1,4 +1,5 @@
 """The foundation: detectron2 imports without its compiled ops, and its models train on CPU."""
+import os
 import subprocess
 import sys
 import textwrap
@@ -37,17 +38,61 @@ def test_plain_detectron2_imports_work_in_the_environment(tmp_path):
     assert out.stdout.strip() == "['transfer', 'transfer.d2', 'transfer.fast_eval']"
 
 
-def test_the_hook_imports_no_detectron2_at_start_up(tmp_path):
-    """The .pth hook only installs a finder: detectron2 (and its dataset registration, which
-    reads DETECTRON2_DATASETS when detectron2.data is imported) loads when a program asks."""
+def test_the_hook_imports_nothing_of_the_project_at_start_up(tmp_path):
+    """The .pth hook only installs a finder: the project's packages (and detectron2, whose
+    dataset registration reads DETECTRON2_DATASETS when detectron2.data is imported) load when a
+    program asks; the stand-in's finder is installed by the first import of detectron2."""
     out = _fresh_python("""
         import sys
+        def loaded():
+            return sorted(m for m in sys.modules if m.split(".")[0] in
+                          ("detectron2", "torch", "transfer", "convert", "pretrain", "results"))
+        print(loaded(), [type(f).__name__ for f in sys.meta_path][:1])
+        import detectron2
         from transfer.d2 import StandInFinder
-        assert any(isinstance(f, StandInFinder) for f in sys.meta_path)
-        print(sorted(m for m in sys.modules if m.split(".")[0] in ("detectron2", "torch")))
+        assert isinstance(sys.meta_path[0], StandInFinder), sys.meta_path
+        assert sum(isinstance(f, StandInFinder) for f in sys.meta_path) == 1
+        import detectron2.layers  # later imports leave the finders as they are
+        print(sum(isinstance(f, StandInFinder) for f in sys.meta_path))
     """, tmp_path)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "[]"
+    assert out.stdout.split("\n")[:2] == ["[] ['FirstDetectron2Import']", "1"]
+
+
+def _git(*args, cwd):
+    return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True)
+
+
+def test_a_second_checkout_sharing_the_environment_runs_its_own_packages(tmp_path):
+    """One environment, two checkouts (issue 38): a git worktree of this repository, run with
+    this environment's interpreter, imports every project package from itself, and a change made
+    only in its transfer/ is what its `python -m transfer.train_net --dry-run` runs."""
+    from tests.conftest import ROOT
+
+    second = tmp_path / "second"
+    _git("worktree", "add", "--detach", str(second), "HEAD", cwd=ROOT)
+    try:
+        marker = "transfer/config.py of the second checkout"
+        with open(second / "transfer" / "config.py", "a") as f:
+            f.write(f"\nprint({marker!r})\n")
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        where = subprocess.run(
+            [sys.executable, "-c", "import os, convert, pretrain, results, transfer, transfer.d2, "
+             "detectron2.layers; print('\\n'.join(os.path.dirname(m.__file__) for m in "
+             "(convert, pretrain, results, transfer, transfer.d2)))"],
+            cwd=second, env=env, capture_output=True, text=True)
+        assert where.returncode == 0, where.stderr
+        packages = where.stdout.split()
+        assert packages == [str(second / p) for p in
+                            ("convert", "pretrain", "results", "transfer", "transfer")]
+        dry = subprocess.run(
+            [sys.executable, "-m", "transfer.train_net", "--task", "voc_frcnn_c4_24k",
+             "--weights", "random", "--dry-run"],
+            cwd=second, env=env, capture_output=True, text=True)
+        assert dry.returncode == 0, dry.stderr
+        assert marker in dry.stdout and "MODEL:" in dry.stdout
+    finally:
+        _git("worktree", "remove", "--force", str(second), cwd=ROOT)
 
 
 def test_stand_in_raises_a_clear_error_for_a_compiled_only_op():
@@ -99,17 +144,19 @@ def test_stand_in_is_not_used_when_a_real_extension_imports(tmp_path):
 
 
 def test_installer_writes_the_hook_only_without_compiled_ops(tmp_path, monkeypatch):
-    from tools import install_detectron2
+    from tools import install_detectron2 as inst
 
-    monkeypatch.setattr(install_detectron2, "compiled_ops_importable", lambda: False)
-    install_detectron2.install_hook(str(tmp_path))
-    assert (tmp_path / install_detectron2.HOOK_FILE).read_text() == install_detectron2.HOOK_LINE
-    monkeypatch.setattr(install_detectron2, "compiled_ops_importable", lambda: True)
-    install_detectron2.install_hook(str(tmp_path))
-    assert not (tmp_path / install_detectron2.HOOK_FILE).exists()
+    module = tmp_path / (inst.FIRST_IMPORT_MODULE + ".py")
+    monkeypatch.setattr(inst, "compiled_ops_importable", lambda: False)
+    inst.install_hook(str(tmp_path))
+    assert (tmp_path / inst.HOOK_FILE).read_text() == inst.HOOK_LINE
+    assert module.read_text() == open(inst.FIRST_IMPORT_SOURCE).read()
+    monkeypatch.setattr(inst, "compiled_ops_importable", lambda: True)
+    inst.install_hook(str(tmp_path))
+    assert not (tmp_path / inst.HOOK_FILE).exists() and not module.exists()
     # and in this environment the hook is there, because the ops are missing here
     monkeypatch.undo()
-    assert install_detectron2.compiled_ops_importable() is False
+    assert inst.compiled_ops_importable() is False
 
 
 def _fixed_batch(keypoints=False):
@@ -181,8 +228,6 @@ def test_meta_architecture_trains_on_cpu_with_naive_sync_bn(arch):
 
 
 def test_doctor_reports_build_datasets_and_tasks(dataset_root):
-    import os
-
     from tests.conftest import HAVE_SHARED, ROOT
 
     res = subprocess.run([sys.executable, "-m", "tools.doctor"], capture_output=True,
@@ -196,3 +241,44 @@ def test_doctor_reports_build_datasets_and_tasks(dataset_root):
     if HAVE_SHARED:
         assert "coco_2017_val: 50 images, 382 annotations" in out
         assert "voc_frcnn_c4_24k           can run" in out
+
+
+def _attributes_read(package, names):
+    """(module alias, attribute) for every `alias.attribute` read in a package's sources."""
+    import ast
+    import importlib.util
+
+    root = os.path.dirname(importlib.util.find_spec(package).origin)
+    found = set()
+    for folder, _, files in os.walk(root):
+        for f in files:
+            if f.endswith(".py"):
+                for node in ast.walk(ast.parse(open(os.path.join(folder, f), "rb").read())):
+                    if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+                            and node.value.id in names):
+                        found.add((node.value.id, node.attr))
+    return found
+
+
+def test_every_numpy_and_pillow_name_detectron2_reads_exists():
+    """detectron2 v0.6 and lvis read np.float, np.bool, Image.LINEAR, ...: on numpy 2 and Pillow
+    10+ (the second environment of `make test`, a GPU machine's Python 3.12) the stand-in's
+    install answers the removed ones; here every name they read resolves, by value."""
+    import numpy as np
+    from PIL import Image
+
+    modules = {"np": np, "numpy": np, "Image": Image}
+    read = _attributes_read("detectron2", modules) | _attributes_read("lvis", modules)
+    assert {("np", "float"), ("np", "bool"), ("np", "str"), ("Image", "LINEAR")} <= read
+    missing = sorted(f"{m}.{a}" for m, a in read if not hasattr(modules[m], a))
+    assert missing == []
+    # the aliases mean what they meant (numpy 2's own np.bool is np.bool_)
+    assert np.float is float and np.int is int and np.str is str and np.object is object
+    assert np.bool in (bool, np.bool_) and Image.LINEAR == Image.BILINEAR
+    # and detectron2's code paths that read them run
+    from detectron2.data.transforms import ExtentTransform
+    from detectron2.structures.masks import polygons_to_bitmask
+
+    mask = polygons_to_bitmask([np.array([1.0, 1.0, 6.0, 1.0, 6.0, 5.0, 1.0, 5.0])], 8, 8)
+    assert mask.dtype == bool and mask.sum() == 20
+    assert ExtentTransform((0, 0, 4, 4), (4, 4)).interp == Image.BILINEAR

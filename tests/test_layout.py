@@ -14,7 +14,7 @@ MAY_IMPORT = {"convert": set(), "pretrain": {"convert"}, "transfer": {"convert"}
               "results": {"convert"}, "tools": {"convert", "pretrain", "transfer", "results"}}
 # project imports inside functions, each for a reason other than dodging a circle
 LAZY = {
-    # the import hook runs at every interpreter start: nothing heavy until it is needed
+    # the stand-in, installed at the first import of detectron2: nothing heavy until needed
     ("transfer/d2.py", "transfer.fast_eval"),
     # doctor reports a broken install, so it imports the harness only after checking it
     ("tools/doctor.py", "transfer.densepose.config"), ("tools/doctor.py", "transfer.densepose.gps"),

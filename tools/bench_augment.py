@@ -76,18 +76,18 @@ def datasets(size):
     }
 
 
-def view_batches(size, batch):
+def view_batches(size, batch, sample=SAMPLE):
     """Two batches (query and key views) of `batch` images' uint8 views and parameters."""
     split = views.SplitViews("v2", size)
-    ds = loader.ImageFiles(SAMPLE, split.crop, seed=0, decode=split.decode)
+    ds = loader.ImageFiles(sample, split.crop, seed=0, decode=split.decode)
     return torch.utils.data.default_collate([ds[(0, i)][0] for i in range(batch)])
 
 
-def time_batched(device, size, batch, repeats, clock=time.perf_counter):
+def time_batched(device, size, batch, repeats, clock=time.perf_counter, sample=SAMPLE):
     """Images/s (two views each) of the batched augmentation, host-to-device copy included:
     the best of `repeats` timings after a warm-up (`clock` time.process_time: per CPU
     second)."""
-    aug, pair = augment.BatchAugment("v2", device), view_batches(size, batch)
+    aug, pair = augment.BatchAugment("v2", device), view_batches(size, batch, sample)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     best = 0.0
     for k in range(repeats + 1):
@@ -101,10 +101,10 @@ def time_batched(device, size, batch, repeats, clock=time.perf_counter):
     return best
 
 
-def time_loader(device, size, batch, batches):
+def time_loader(device, size, batch, batches, sample=SAMPLE):
     """Images/s of the real DataLoader with the defaults for `device`, each batch's views
     finished by the batched augmentation (the GPU side end to end)."""
-    dataset, finish = feed.pipeline(SAMPLE, "v2", size, 0, "device", device)
+    dataset, finish = feed.pipeline(sample, "v2", size, 0, "device", device)
     settings = feed.loader_settings(device, None, cpu_count())
     sampler = loader.ResumableSampler(len(dataset), batch)
     data = torch.utils.data.DataLoader(dataset, batch_size=batch, sampler=sampler,

@@ -72,7 +72,8 @@ def main(argv=None):
             r = rows[-1]
             print(f"{task}: {r['cpu_s']:.1f} CPU s, {r['wall_s']:.1f} s, "
                   f"{r['rss_train']:.0f} MB", flush=True)
-    lines = ["## One full-size training iteration per task (batch 1, CPU)\n",
+    where = f"GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "CPU"
+    lines = [f"## One full-size training iteration per task (batch 1, {where})\n",
              f"{machine()}; measured {datetime.datetime.now():%Y-%m-%d %H:%M} with "
              f"`{' '.join(['python -m tools.bench_tasks'] + args.tasks)}`.\n",
              f"torch threads: {torch.get_num_threads()}. Training sizes are (h x w) as the model "

@@ -3,10 +3,13 @@
 PyPI has no usable detectron2 wheel for current torch. The sdist of ``pb1-detectron2==0.6``
 carries the official v0.6 ``detectron2/`` Python package byte for byte (model-zoo configs
 included) but not the C++/CUDA sources, so ``pip install`` fails at the extension build. We take
-the Python package from it as it is, and write ``moco_transfer_d2.pth`` beside it: at every
-interpreter start it installs ``transfer/d2.py``'s import hook, which stands in for the compiled
-ops. Plain ``import detectron2.layers, detectron2.modeling`` then works in the environment (a
-user's script, a notebook, detectron2's own tools).
+the Python package from it as it is, and write ``moco_transfer_d2.pth`` beside it with a copy of
+``tools/d2_first_import.py``: at every interpreter start it installs a finder that imports nothing
+of the project until the first import of detectron2, which then installs ``transfer/d2.py``'s
+import hook (the stand-in for the compiled ops) from the ``transfer`` that process's search path
+finds, so several checkouts can share one environment. Plain ``import detectron2.layers,
+detectron2.modeling`` works in the environment (a user's script, a notebook, detectron2's own
+tools).
 
 If a detectron2 is already importable (for example a compiled official build on a GPU cluster),
 it is left alone, and the hook is written only if its compiled ops are missing. Standard library
@@ -37,10 +40,15 @@ SDIST_URL = (
 SDIST_SHA256 = "5d2e9e51e523ec72f6a31cca04b0a515492e9514b773a3d134cedc0677170b29"
 VERSION = "0.6"
 HOOK_FILE = "moco_transfer_d2.pth"
-# One line, run by `site` at start-up. Guarded: with the project uninstalled it does nothing.
-HOOK_LINE = ('import importlib.util as u; u.find_spec("transfer") and '
-             'getattr(__import__("transfer.d2").d2, "install", int)()\n')
-
+# the finder the .pth installs, copied from tools/ (standard library only, imports no project code)
+FIRST_IMPORT_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                   "d2_first_import.py")
+FIRST_IMPORT_MODULE = "moco_transfer_d2_first_import"
+# One line, run by `site` at start-up. Guarded: with the module removed it does nothing.
+HOOK_LINE = (f'import importlib.util as u; u.find_spec("{FIRST_IMPORT_MODULE}") and '
+             f'__import__("{FIRST_IMPORT_MODULE}").install()\n')
+# the finders a check for the real compiled ops must not see
+HOOK_FINDERS = ("StandInFinder", "FirstDetectron2Import")
 
 
 def fetch_sdist(cache_dir):
@@ -107,19 +115,23 @@ def compiled_ops_importable():
     """Whether detectron2's real extension imports, asked of a fresh interpreter (this one may
     already carry the hook)."""
     code = ("import sys; sys.meta_path[:] = [f for f in sys.meta_path "
-            "if type(f).__name__ != 'StandInFinder']; import detectron2._C")
+            f"if type(f).__name__ not in {HOOK_FINDERS!r}]; import detectron2._C")
     return subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
 
 
 def install_hook(site_packages):
-    """Write the .pth that installs the stand-in for detectron2's compiled ops, or remove it
-    where the real ops import."""
+    """Write the .pth (and the finder it installs) that installs the stand-in for detectron2's
+    compiled ops at detectron2's first import, or remove them where the real ops import."""
     path = os.path.join(site_packages, HOOK_FILE)
+    module = os.path.join(site_packages, FIRST_IMPORT_MODULE + ".py")
     if compiled_ops_importable():
-        if os.path.exists(path):
-            os.remove(path)
+        for p in (path, module):
+            if os.path.exists(p):
+                os.remove(p)
         print("[install_detectron2] detectron2's compiled ops import: no stand-in hook")
         return
+    with open(FIRST_IMPORT_SOURCE) as f:
+        write_text_atomic(f.read(), module)  # before the .pth that imports it
     write_text_atomic(HOOK_LINE, path)
     print(f"[install_detectron2] compiled ops missing: stand-in hook {path}")
 

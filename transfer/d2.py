@@ -2,9 +2,11 @@
 
 detectron2's Python code imports its compiled extension ``detectron2._C`` at module level (for
 deformable/rotated ops and the fast COCO evaluator). This project installs detectron2 v0.6 as
-pure Python (``tools/install_detectron2.py``), and with it a ``.pth`` file that calls
-``install()`` at interpreter start-up. ``install()`` puts ``StandInFinder`` first on ``sys.meta_path``. It
-asks the other finders, and steps in only where they find no compiled extension:
+pure Python (``tools/install_detectron2.py``), and with it a ``.pth`` file whose finder
+(``tools/d2_first_import.py``) calls ``install()`` at the first import of detectron2, from the
+``transfer`` that the importing process's search path finds (its own checkout). ``install()`` puts
+``StandInFinder`` first on ``sys.meta_path``. It asks the other finders, and steps in only where
+they find no compiled extension:
 
 - ``detectron2._C``: a module where importing works and every op that needs the extension raises
   ``CompiledOpMissing`` naming the op;
@@ -12,10 +14,15 @@ asks the other finders, and steps in only where they find no compiled extension:
   ``COCOeval_opt`` (whose C++ half is in the missing extension) set to faster-coco-eval's C++
   ``COCOeval`` (``fast_eval.FasterCOCOeval``), which gives pycocotools' numbers.
 
+``install()`` also answers the numpy and Pillow names detectron2 v0.6 reads that later versions
+removed (``REMOVED_ALIASES``: ``np.float``, ``Image.LINEAR``, ...), so the same detectron2 runs on
+numpy 1 and 2, Pillow 9 and current.
+
 With a real, compiled ``detectron2._C`` (an official build on a GPU cluster), the real
 module is returned and detectron2 is used unchanged; ``tools/install_detectron2.py`` then
 writes no ``.pth`` at all. Plain ``import detectron2.layers`` works either way.
 """
+import importlib
 import importlib.abc
 import importlib.machinery
 import sys
@@ -31,6 +38,40 @@ _INFO_FUNCTIONS = {
     "get_cuda_version": lambda: "none (no compiled ops)",
     "has_cuda": lambda: False,
 }
+
+
+# Names detectron2 v0.6 (and lvis 0.5.3, its LVIS evaluator's API) read that later numpy and
+# Pillow removed, each as (module, name, what it meant): numpy's aliases of the builtins
+# (deprecated in 1.20, removed in 1.24; numpy 2 brought back np.bool as np.bool_, which is left
+# alone) and Pillow's Image.LINEAR (removed in 10.0; it was BILINEAR). Set only where missing.
+REMOVED_ALIASES = (
+    ("numpy", "bool", "builtins.bool"),
+    ("numpy", "int", "builtins.int"),
+    ("numpy", "float", "builtins.float"),
+    ("numpy", "str", "builtins.str"),
+    ("numpy", "object", "builtins.object"),
+    ("PIL.Image", "LINEAR", "PIL.Image.BILINEAR"),
+)
+
+
+def _resolve(dotted):
+    module, _, name = dotted.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def answer_removed_aliases():
+    """Give numpy and PIL.Image the names detectron2 v0.6 reads where this environment's
+    versions removed them; return the (module, name) pairs set."""
+    answered = []
+    for module_name, name, meaning in REMOVED_ALIASES:
+        module = importlib.import_module(module_name)
+        with warnings.catch_warnings():  # numpy < 1.24 warns on the deprecated names
+            warnings.simplefilter("ignore")
+            present = hasattr(module, name)
+        if not present:
+            setattr(module, name, _resolve(meaning))
+            answered.append((module_name, name))
+    return answered
 
 
 class CompiledOpMissing(RuntimeError):
@@ -84,8 +125,7 @@ class _FasterCOCOevalLoader(importlib.abc.Loader):
     def exec_module(self, module):
         self.real_loader.exec_module(module)
         if is_stand_in(sys.modules.get(EXTENSION)):
-            # here, not at the top: the hook runs at every interpreter start and imports
-            # nothing heavy until detectron2's evaluation is imported
+            # here, not at the top: nothing heavy until detectron2's evaluation is imported
             from transfer.fast_eval import FasterCOCOeval
 
             module.COCOeval_opt = FasterCOCOeval
@@ -115,11 +155,12 @@ class StandInFinder(importlib.abc.MetaPathFinder):
 
 
 def install():
-    """Put the finder first, once (the .pth file that tools/install_detectron2.py writes)."""
+    """Put the finder first, once (at detectron2's first import: tools/d2_first_import.py)."""
     # detectron2 v0.6 on current torch/setuptools: deprecation notices, not problems
     warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*deprecated",
                             category=FutureWarning)
     warnings.filterwarnings("ignore", message=r"pkg_resources is deprecated", category=UserWarning)
+    answer_removed_aliases()
     if not any(isinstance(f, StandInFinder) for f in sys.meta_path):
         sys.meta_path.insert(0, StandInFinder())
 
