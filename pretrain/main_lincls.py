@@ -8,6 +8,7 @@ every other layer frozen and BN in eval mode. Without --val-data a fixed 20% of 
 """
 import argparse
 import os
+import re
 
 import torch.nn as nn
 import torchvision
@@ -46,11 +47,17 @@ def get_args_parser():
 def load_query_encoder(path, arch=None, num_classes=1000, trust=False):
     """A torchvision ResNet with the MoCo query encoder's weights; fc re-initialised."""
     ck = safe_load.load_torch(path, trust)
+    if not (isinstance(ck, dict) and isinstance(ck.get("state_dict"), dict)):
+        raise UserError(f"{path}: no 'state_dict': not a MoCo checkpoint")
     arch = arch or ck.get("arch", "resnet50")
+    if not (isinstance(arch, str) and re.fullmatch(r"(wide_)?res(net|next)[0-9_x]+d?", arch)
+            and hasattr(torchvision.models, arch)):
+        raise UserError(f"{path}: arch {str(arch)[:40]!r} is not a torchvision ResNet; give "
+                        "--arch")
     model = getattr(torchvision.models, arch)(num_classes=num_classes)
     prefix = "module.encoder_q."
     state = {k[len(prefix):]: v for k, v in ck["state_dict"].items()
-             if k.startswith(prefix) and not k.startswith(prefix + "fc.")}
+             if isinstance(k, str) and k.startswith(prefix) and not k.startswith(prefix + "fc.")}
     if not state:
         raise UserError(f"{path}: no '{prefix}*' keys: not a MoCo checkpoint")
     missing = model.load_state_dict(state, strict=False).missing_keys

@@ -9,11 +9,14 @@ STATES_IN_MEANS = ("complete",)
 
 
 def _read_json(path):
+    """A JSON object (dict) from `path`, or None: missing, malformed, nested too deep
+    (RecursionError) or not an object."""
     try:
         with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
+            data = json.load(f)
+    except (OSError, ValueError, RecursionError):
         return None
+    return data if isinstance(data, dict) else None
 
 
 def metrics_records(run_dir):

@@ -24,7 +24,7 @@ import detectron2.utils.comm as comm
 from detectron2.engine import default_argument_parser, default_setup
 from detectron2.utils.logger import setup_logger
 
-from convert import safe_load
+from convert import finite, safe_load
 from convert.runtime import add_process_flags, apply_omp_wait_policy, entry_point
 from transfer import run_dir
 from transfer.config import diff_configs, setup_cfg
@@ -41,7 +41,8 @@ logger = logging.getLogger("transfer")
 def resolve(args, world_size):
     return setup_cfg(args.task, args.weights, seed=args.seed, scale=args.scale,
                      overrides=args.opts, output=args.output, world_size=world_size,
-                     runs_root=args.runs, trust=args.trust_checkpoint)
+                     runs_root=args.runs, trust=args.trust_checkpoint,
+                     allow_nonfinite=args.allow_nonfinite)
 
 
 def print_dry_run(args, world_size):
@@ -49,7 +50,8 @@ def print_dry_run(args, world_size):
     what this machine changes in it, as comments."""
     protocol = setup_cfg(args.task, args.weights, seed=args.seed, scale=args.scale,
                          overrides=args.opts, output=args.output, world_size=world_size,
-                         runs_root=args.runs, trust=args.trust_checkpoint, cuda=True)
+                         runs_root=args.runs, trust=args.trust_checkpoint, cuda=True,
+                         allow_nonfinite=args.allow_nonfinite)
     here = resolve(args, world_size)
     print(protocol.dump())
     changed = {k: here_v for k, here_v, v in diff_configs(here, protocol)}
@@ -102,6 +104,7 @@ def get_parser():
                    help="on a CPU: intra-op threads of the whole run on this machine, shared "
                         "out among its processes (default: every core)")
     p.add_argument(safe_load.TRUST_FLAG, action="store_true", help=safe_load.TRUST_HELP)
+    p.add_argument(finite.ALLOW_FLAG, action="store_true", help=finite.ALLOW_HELP)
     add_console_flags(p)
     add_process_flags(p)
     p.set_defaults(dist_url="auto")

@@ -10,7 +10,7 @@ for its metadata, and by the checkpointer (``checkpoint.py``) for its weights.
 """
 import os
 
-from convert import safe_load
+from convert import finite, safe_load
 from convert.formats import BGR_MSRA, RGB_TORCHVISION
 from transfer.errors import WeightsError
 
@@ -36,8 +36,21 @@ def parse_weights(spec):
     return base, spec
 
 
-def read_converted_metadata(path, trust=False):
-    """Normalisation/config overrides carried by a converted .pkl (convert/to_detectron2.py)."""
+def check_finite(data, path, allow_nonfinite=False):
+    """Refuse pretrained weights holding NaN or Inf, naming them (--allow-nonfinite)."""
+    model = data.get("model") if isinstance(data, dict) else None
+    found = finite.nonfinite(model) if isinstance(model, dict) else []
+    if found and not allow_nonfinite:
+        raise WeightsError(f"weights '{path}': {len(found)} tensor(s) hold NaN or Inf: "
+                           f"{finite.describe(found)}; {finite.ALLOW_FLAG} uses them anyway "
+                           "(for debugging)")
+
+
+def read_converted_metadata(path, trust=False, allow_nonfinite=False):
+    """Normalisation/config overrides carried by a converted .pkl (convert/to_detectron2.py);
+    its weights must be finite (`allow_nonfinite`: --allow-nonfinite)."""
+    from convert.to_detectron2 import normalization_problem
+
     if not os.path.isfile(path):
         raise WeightsError(f"weights file '{path}' not found")
     if not path.endswith(".pkl"):
@@ -45,8 +58,13 @@ def read_converted_metadata(path, trust=False):
             f"weights '{path}' are not in detectron2's format; convert them first:\n"
             f"  python convert/to_detectron2.py {path}")
     data = read_weights_file(path, trust)
+    check_finite(data, path, allow_nonfinite)
     meta = data.get("moco_transfer") if isinstance(data, dict) else None
     if meta:
+        problem = normalization_problem(meta)
+        if problem:
+            raise WeightsError(f"weights '{path}': {problem}; re-convert them with "
+                               "convert/to_detectron2.py")
         return dict(meta["normalization"], **meta.get("config", {})), meta
     author = str(data.get("__author__", "")) if isinstance(data, dict) else ""
     if author.upper() in ("MOCO", "TORCHVISION"):  # the reference converters' outputs
@@ -56,7 +74,7 @@ def read_converted_metadata(path, trust=False):
         f"convert/to_detectron2.py (use --input-format rgb|bgr for a detectron2 .pkl)")
 
 
-def weights_overrides(spec, trust=False):
+def weights_overrides(spec, trust=False, allow_nonfinite=False):
     """(name, {config key: value}) for a weights spec. Random init uses the MoCo (RGB,
     torchvision) normalisation (PROTOCOL.md section 3)."""
     name, path = parse_weights(spec)
@@ -64,8 +82,8 @@ def weights_overrides(spec, trust=False):
         return name, dict(RGB_TORCHVISION, **{"MODEL.WEIGHTS": ""})
     if path is None and name == "supervised":
         return name, dict(BGR_MSRA, **{"MODEL.WEIGHTS": MSRA_R50})
-    overrides, meta = read_converted_metadata(path, trust)
+    overrides, meta = read_converted_metadata(path, trust, allow_nonfinite)
     overrides["MODEL.WEIGHTS"] = os.path.abspath(path)
-    overrides["MOCO_TRANSFER.WEIGHTS_SHA256"] = meta.get("sha256", "")
-    overrides["MOCO_TRANSFER.WEIGHTS_FORMAT"] = meta.get("format", "")
+    overrides["MOCO_TRANSFER.WEIGHTS_SHA256"] = str(meta.get("sha256", ""))[:64]
+    overrides["MOCO_TRANSFER.WEIGHTS_FORMAT"] = str(meta.get("format", ""))[:64]
     return name, overrides

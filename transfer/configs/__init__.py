@@ -20,8 +20,10 @@ def known_tasks():
 
 
 def task_config_path(task):
-    path = os.path.join(CONFIG_DIR, task + ".yaml")
-    if task.startswith("Base-") or not os.path.isfile(path):
+    """The YAML of a task named by its name (a name only: no path, no ``..``)."""
+    path = os.path.join(CONFIG_DIR, f"{task}.yaml")
+    if not (isinstance(task, str) and re.fullmatch(r"[A-Za-z0-9_]+", task)) or \
+            task not in known_tasks():
         raise ConfigError(f"unknown task '{task}'. Known tasks:\n  " + "\n  ".join(known_tasks()))
     return path
 
