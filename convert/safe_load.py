@@ -81,10 +81,11 @@ def read_regular(path):
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
     except OSError as e:
         raise UnreadableCheckpoint(f"{path}: {e.strerror.lower()}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise UnreadableCheckpoint(f"{path}: not a regular file (a FIFO, device or "
+                                   "directory); give a checkpoint file")
     with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise UnreadableCheckpoint(f"{path}: not a regular file (a FIFO, device or "
-                                       "directory); give a checkpoint file")
         return f.read()
 
 

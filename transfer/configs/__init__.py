@@ -24,7 +24,8 @@ def task_config_path(task):
     path = os.path.join(CONFIG_DIR, f"{task}.yaml")
     if not (isinstance(task, str) and re.fullmatch(r"[A-Za-z0-9_]+", task)) or \
             task not in known_tasks():
-        raise ConfigError(f"unknown task '{task}'. Known tasks:\n  " + "\n  ".join(known_tasks()))
+        raise ConfigError(f"unknown task {str(task)[:80]!r}; a task is a name, one of: "
+                          f"{', '.join(known_tasks())} (python -m transfer.tasks)")
     return path
 
 
