@@ -24,6 +24,7 @@ import os
 import pickle
 import re
 import stat
+import struct
 import zipfile
 
 import numpy as np
@@ -225,7 +226,7 @@ def load_torch(path, trust=False):
                 raise unreadable(path, _damage(str(e))) from None
             raise refusal(path, found) from None
         except (RuntimeError, ValueError, TypeError, KeyError, EOFError, OSError,
-                AttributeError, IndexError, OverflowError, MemoryError) as e:
+                AttributeError, IndexError, OverflowError, MemoryError, struct.error) as e:
             raise unreadable(path, f"{type(e).__name__}: {_damage(str(e))}") from None
 
 
@@ -252,7 +253,8 @@ def load_pickle(path, trust=False):
     except NotData as e:
         raise refusal(path, e.args[0]) from None
     except (pickle.UnpicklingError, ValueError, TypeError, EOFError, AttributeError,
-            IndexError, KeyError, OverflowError, MemoryError, UnicodeDecodeError) as e:
+            IndexError, KeyError, OverflowError, MemoryError, UnicodeDecodeError,
+            struct.error) as e:
         raise unreadable(path, f"{type(e).__name__}: {_damage(str(e))}") from None
 
 

@@ -43,11 +43,15 @@ def _child_setup(megabytes):
         torch.set_num_threads(1)
     cap = _status_kb("VmSize") * 1024 + 2 * megabytes * (1 << 20)
     resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+
+
+def _reset_peak():
     with open("/proc/self/clear_refs", "w") as f:  # VmHWM := VmRSS from here on
         f.write("5")
 
 
 def _call(fn):
+    _reset_peak()
     start, rss = time.perf_counter(), _status_kb("VmRSS")
     try:
         ended, value = "returned", fn()
@@ -62,8 +66,6 @@ def _call(fn):
 def in_process(fn):
     """The Outcome of fn() in this process (for entry points whose worker threads a fork
     would deadlock: OpenMP after fork), its peak memory growth measured the same way."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
     return Outcome(**_call(fn))
 
 
