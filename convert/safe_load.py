@@ -4,18 +4,23 @@ A checkpoint is data: tensors, numbers, strings and containers. Python's pickle,
 files and detectron2 .pkl files are made of, can also carry a call to any function, made the
 moment the file is unpickled. So every checkpoint the harness reads (the converter's inputs, the
 transfer weights, linear classification's ``--pretrained``, pretraining's ``--resume``, and the
-runs' own checkpoints at resume) is read here, as data only:
+runs' own checkpoints at resume) is read here, as data only, from a regular file only (never a
+FIFO or device), and every pickle is first scanned (``convert/pickle_scan.py``): the globals it
+names, the dtypes and arrays it would build against the file's size, its object count, nesting
+and shared references, all before anything is built (docs/security.md):
 
-- torch files (.pth, .pth.tar, .pt, .torch): ``torch.load(weights_only=True)`` plus the few
-  harmless types real checkpoints carry: ``argparse.Namespace`` (DINO, SwAV and others save
-  their arguments), numpy arrays, scalars and dtypes. Optimizer states are plain containers;
-- pickles (.pkl: MSRA's R-50.pkl, the reference converter's output, ours): a restricted
-  unpickler that admits numpy arrays, dtypes and plain containers only;
+- torch files (.pth, .pth.tar, .pt, .torch; zip archives or legacy): the scan, then
+  ``torch.load(weights_only=True)``. Admitted besides tensors: ``argparse.Namespace`` (DINO,
+  SwAV and others save their arguments), numpy arrays, scalars and plain numeric dtypes. What
+  torch itself registers as safe (exceptions, traceback types) is refused by the scan;
+- pickles (.pkl: MSRA's R-50.pkl, the reference converter's output, ours): the scan, then a
+  restricted unpickler that admits numpy arrays, dtypes and plain containers only;
 - .safetensors: the safetensors library (the format holds no code).
 
-A file that holds anything else is refused in one line naming what it holds and the flag that
-loads it anyway (``--trust-checkpoint``; ``make ... TRUST=1``). With the flag the file is fully
-unpickled, after a warning that names it and its sha256.
+A file that holds anything else, or more than its size can hold, is refused in one line naming
+what it holds and the flag that loads it anyway (``--trust-checkpoint``; ``make ... TRUST=1``);
+a damaged one (``UnreadableCheckpoint``) in one line saying what is wrong. With the flag the
+file is fully unpickled, after a warning that names it and its sha256.
 """
 import argparse
 import io

@@ -12,6 +12,7 @@ import os
 
 from convert import finite, safe_load
 from convert.formats import BGR_MSRA, RGB_TORCHVISION
+from convert.to_detectron2 import normalization_problem
 from transfer.errors import WeightsError
 
 MSRA_R50 = "detectron2://ImageNetPretrained/MSRA/R-50.pkl"
@@ -49,7 +50,6 @@ def check_finite(data, path, allow_nonfinite=False):
 def read_converted_metadata(path, trust=False, allow_nonfinite=False):
     """Normalisation/config overrides carried by a converted .pkl (convert/to_detectron2.py);
     its weights must be finite (`allow_nonfinite`: --allow-nonfinite)."""
-    from convert.to_detectron2 import normalization_problem
 
     if not os.path.isfile(path):
         raise WeightsError(f"weights file '{path}' not found")
