@@ -59,7 +59,8 @@ def read_run(run_dir):
     row["metrics_wanted"] = status.get("metrics_wanted", [])
     row["paper_table"] = status.get("paper_table", "")
     if row["state"] == "complete":
-        row["metrics"] = status.get("metrics", {})
+        metrics = status.get("metrics", {})
+        row["metrics"] = metrics if isinstance(metrics, dict) else {}
         if not row["metrics"]:
             row["state"], row["reason"] = "failed", "completed without evaluation results"
     elif row["state"] == "running":

@@ -403,12 +403,19 @@ def test_plain_data_of_the_wrong_shape_is_one_line(tmp_path, r18, labeled_images
 
 
 def test_results_json_that_is_a_list_or_nested_deep_raises_nothing(tmp_path):
+    """Only that nothing raises (how the tables show an unreadable run is the readers')."""
+    from results.__main__ import main
     from results.collect import collect
 
+    runs = tmp_path / "runs"
     for seed, text in ((0, "[1, 2]"), (1, "[" * 200_000 + "]" * 200_000),
-                       (2, json.dumps({"state": "complete", "metrics": {"bbox/AP": 1.0}}))):
-        run = tmp_path / "task" / "random" / f"seed{seed}"
+                       (2, json.dumps({"state": "complete", "metrics": [1]})),
+                       (3, json.dumps({"state": "complete", "metrics": {"bbox/AP": 1.0}}))):
+        run = runs / "task" / "random" / f"seed{seed}"
         run.mkdir(parents=True)
         (run / "results.json").write_text(text)
-    outcome = isolated(lambda: collect(str(tmp_path)).state.tolist(), ATTACK_SECONDS, ATTACK_MB)
-    assert outcome.value == ["incomplete", "incomplete", "complete"], outcome
+    outcome = isolated(lambda: collect(str(runs)).state.tolist(), ATTACK_SECONDS, ATTACK_MB)
+    assert outcome.value == ["incomplete", "incomplete", "failed", "complete"], outcome
+    report = isolated(lambda: main(["--runs", str(runs), "--out", str(tmp_path / "out")]), 30,
+                      500)
+    assert report.ended == "returned" and report.value == 0, report
