@@ -176,8 +176,9 @@ def test_config_bases_are_local_regular_files(tmp_path):
 # numpy reads those bytes as an object pointer
 CRAFTED = Reduce(np.dtype, ("V8", False, True),
                  (3, "|", None, ("a",), {"a": (np.dtype("O"), 0)}, 8, 1, 0))
+# a plain spec whose state claims fields and object flags (only the state check sees it)
 CRAFTED_F8 = Reduce(np.dtype, ("f8", False, True),
-                    (3, "|", None, ("a",), {"a": (np.dtype("O"), 0)}, 8, 1, 0))
+                    (3, "|", None, ("a",), {"a": (np.dtype("i8"), 0)}, 8, 1, 63))
 SEGFAULT = Reduce(scalar, (CRAFTED, b"\x41" * 8))
 
 
