@@ -5,8 +5,9 @@ test reports, not the end of the test process.
 capped (its size at the fork plus 2 x `megabytes`, so that a broken loader cannot take the
 machine's memory) and returns an ``Outcome``: what it returned or raised, how it ended (a
 signal, a timeout), its wall time and the growth of its peak resident memory (VmHWM, reset at
-the start) in MB; ``in_process`` measures a call in this process alike. ``run_cases`` runs many cases in a few forked workers, one case at a time,
-and attributes a crash or a stall to the case in flight, then goes on with a fresh worker.
+the start) in MB; ``in_process`` measures a call in this process alike. ``run_cases`` runs
+many cases in a few forked workers, one case at a time, and attributes a crash or a stall to
+the case in flight, then goes on with a fresh worker.
 """
 import json
 import os
