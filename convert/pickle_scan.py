@@ -105,7 +105,7 @@ def _data_length(v):
 def numpy_dtype(args):
     spec, *flags = args.literal()
     if not (isinstance(spec, str) and NUMERIC_DTYPE.fullmatch(spec)
-            and all(type(f) is bool for f in flags) and len(flags) == 2):
+            and all(_flag(f) for f in flags) and len(flags) == 2):
         raise NotData(f"numpy.dtype{args.literal()!r} (only plain numeric dtypes are data)")
     return V("dtype", np.dtype(spec))
 
@@ -121,6 +121,11 @@ def numpy_dtype_state(dtype, state):
     if not plain:
         raise NotData(f"numpy.dtype state {s!r} (only a plain numeric dtype's)")
     dtype.value = dtype.value.newbyteorder(s[1]) if s[1] in "<>" else dtype.value
+
+
+def _flag(x):
+    """A boolean as numpy pickles it: True/False, or 0/1 in Python 2 pickles."""
+    return type(x) in (bool, int) and x in (0, 1)
 
 
 def _dtype(v):
@@ -142,7 +147,7 @@ def numpy_array_state(array, state):
         raise NotData("numpy array state that is not (version, shape, dtype, fortran, data)")
     _, shape, dtype, fortran, data = state.children
     shape, dtype = _shape(shape, "numpy array shape"), _dtype(dtype)
-    if type(fortran.literal()) is not bool:
+    if not _flag(fortran.literal()):
         raise NotData("numpy array state")
     size = prod(shape) * dtype.itemsize
     if _data_length(data) != size:
