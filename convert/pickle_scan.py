@@ -276,9 +276,12 @@ class Rules:
     (globals admitted as values, not called), `persistent` (how a persistent id is read, or
     None), and the bounds."""
 
-    def __init__(self, calls, values=(), persistent=None, newobj=(), max_opcodes=MAX_OPCODES,
-                 max_objects=MAX_OBJECTS, max_depth=MAX_DEPTH):
+    def __init__(self, calls, values=(), persistent=None, newobj=(), data_values=(),
+                 max_opcodes=MAX_OPCODES, max_objects=MAX_OBJECTS, max_depth=MAX_DEPTH):
         self.calls, self.values, self.persistent = calls, set(values), persistent
+        # the globals that may be part of the data built (torch dtypes); the others only as
+        # what they are for (numpy.ndarray inside _reconstruct, a storage type in its id)
+        self.data_values = set(data_values)
         self.newobj = set(newobj)  # classes a pickle may instantiate (NEWOBJ) then fill (BUILD)
         self.max_opcodes, self.max_objects, self.max_depth = max_opcodes, max_objects, max_depth
 
@@ -319,7 +322,7 @@ def torch_rules(persistent):
         "torch.Size": torch_size, "torch.device": torch_device})
     storages = {f"torch.{name}" for name in storage_itemsize()}
     return Rules(calls, values={"numpy.ndarray", *dtypes, *storages},
-                 persistent=persistent, newobj={"argparse.Namespace"})
+                 persistent=persistent, newobj={"argparse.Namespace"}, data_values=dtypes)
 
 
 # ---------------------------------------------------------------- the scan
@@ -462,6 +465,8 @@ def measure(root, rules, file_size):
             raise OutOfBounds("a cycle (an object holding itself)")
         if depth > rules.max_depth:
             raise OutOfBounds(f"nesting deeper than {rules.max_depth}")
+        if v.kind == "global" and v.value not in rules.data_values:
+            raise NotData(f"{v.value} as a value")
         active.add(key)
         objects, nbytes = 1, v.nbytes if v.kind in ("array", "tensor") else 0
         for c in v.children or ():

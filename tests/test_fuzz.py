@@ -11,6 +11,7 @@ import argparse
 import collections
 import io
 import json
+import os
 import pickle
 import pickletools
 import random
@@ -39,7 +40,7 @@ OPCODES = [op.code.encode("latin1") for op in pickletools.opcodes]
 
 
 # ---------------------------------------------------------------- the originals
-def originals(tmp):
+def originals():
     """{format: (file name, bytes)}: small files in each format's real layout."""
     net = torchvision.models.resnet18()
     stem = {k: v for k, v in net.state_dict().items() if k.startswith(("conv1.", "bn1."))}
@@ -52,7 +53,7 @@ def originals(tmp):
                 "optimizer": opt.state_dict(), "args": argparse.Namespace(lr=0.03, moco_k=65536)},
                moco)
     tv = io.BytesIO()
-    torch.save(net.layer1[0].state_dict(), tv)  # an OrderedDict with its _metadata
+    torch.save(net.layer2[0].downsample.state_dict(), tv)  # an OrderedDict with _metadata
     d2 = io.BytesIO()
     pickle.dump({"model": {("stem." if k.startswith("conv1") else "stem.conv1.norm.") +
                            k.split(".", 1)[1]: v.numpy() for k, v in stem.items()},
@@ -215,52 +216,58 @@ def verdict(path, original=None):
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """{format: [(file path, whether its bytes are the original's)]}: CASES files per format,
-    the first the original itself."""
-    tmp = tmp_path_factory.mktemp("fuzz")
-    files = {}
-    for k, (fmt, (name, data)) in enumerate(sorted(originals(tmp).items())):
-        rng = random.Random(SEED * 1000 + k)
-        files[fmt] = []
-        for i in range(CASES):
-            mutated = data if i == 0 else MUTATE[fmt](rng, data)
-            path = tmp / f"{i:04d}_{name}"
-            path.write_bytes(mutated)
-            files[fmt].append((str(path), mutated == data))
-    return files
+def sources():
+    """{format: (file name, original bytes)}."""
+    return originals()
 
 
-def test_fuzzed_checkpoints_load_as_data_or_fail_in_one_line(corpus):
-    originals_loaded = {fmt: safe_load.load(cases[0][0]) for fmt, cases in corpus.items()}
-    cases = [(fmt, path, is_original) for fmt, files in corpus.items()
-             for path, is_original in files]
+def case_file(sources, fmt, i, folder):
+    """(path, whether it is the original's bytes) of case `i` of a format: the original for
+    i = 0, else its mutation drawn from (SEED, format, i), written under `folder`."""
+    name, data = sources[fmt]
+    rng = random.Random(f"{SEED}/{fmt}/{i}")
+    mutated = data if i == 0 else MUTATE[fmt](rng, data)
+    path = os.path.join(folder, f"{fmt}_{i:04d}_{name}")
+    with open(path, "wb") as f:
+        f.write(mutated)
+    return path, mutated == data
 
-    def load(case):
-        fmt, path, is_original = case
-        return verdict(path, originals_loaded[fmt] if is_original else None)
 
-    outcomes = run_cases(load, cases, SECONDS, MEGABYTES, workers=2)
+def fuzz(sources, fmt, i, folder, original=None):
+    """The verdict on case `i` of a format (its file removed after the load)."""
+    path, is_original = case_file(sources, fmt, i, folder)
+    try:
+        return verdict(path, original if is_original else None)
+    finally:
+        os.remove(path)
+
+
+def test_fuzzed_checkpoints_load_as_data_or_fail_in_one_line(sources, tmp_path):
+    originals_loaded = {fmt: safe_load.load(case_file(sources, fmt, 0, str(tmp_path))[0])
+                        for fmt in sources}
+    cases = [(fmt, i) for fmt in sorted(sources) for i in range(CASES)]
+    outcomes = run_cases(lambda c: fuzz(sources, *c, str(tmp_path), originals_loaded[c[0]]),
+                         cases, SECONDS, MEGABYTES, workers=2)
     assert len(outcomes) == len(cases)
     failures, tally = [], collections.Counter()
-    for (fmt, path, _), out in outcomes:
+    for (fmt, i), out in outcomes:
         ok = out.ended == "returned" and not out.value.startswith("FAIL") and \
             out.seconds < SECONDS and out.megabytes < MEGABYTES
         tally[fmt, out.value if ok else "FAIL"] += 1
         if not ok:
-            failures.append(f"{path}: {out}")
+            failures.append(f"{fmt} case {i}: {out}")
     print(dict(sorted(tally.items())))
     assert not failures, f"{len(failures)} failures:\n" + "\n".join(failures[:20])
-    for fmt in corpus:  # every format exercised both ways: loads and refusals
+    for fmt in sources:  # every format exercised both ways: loads and refusals
         assert tally[fmt, "original"] >= 1 and tally[fmt, "refused"] >= CASES // 10, tally
 
 
-def test_the_fuzz_catches_torch_weights_only_alone(corpus, monkeypatch):
+def test_the_fuzz_catches_torch_weights_only_alone(sources, tmp_path, monkeypatch):
     """The control: with torch's ``weights_only`` alone as the loader (no scan, no one-line
     errors), the same cases end in tracebacks' exceptions: the fuzz sees a weaker loader."""
     monkeypatch.setattr(safe_load, "load_torch",
                         lambda path, trust=False: torch.load(path, weights_only=True))
-    cases = [path for path, _ in corpus["torchvision"][:200]]
-    outcomes = run_cases(verdict, cases, SECONDS, MEGABYTES, workers=2)
+    outcomes = run_cases(lambda i: fuzz(sources, "torchvision", i, str(tmp_path)),
+                         list(range(1, 201)), SECONDS, MEGABYTES, workers=2)
     failed = [out.value for _, out in outcomes if str(out.value).startswith("FAIL")]
     assert len(failed) > 50, failed[:5]
