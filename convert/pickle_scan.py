@@ -298,11 +298,12 @@ class Rules:
 NUMPY_CALLS = {"numpy.dtype": numpy_dtype, "collections.OrderedDict": ordered_dict,
                "_codecs.encode": latin1_bytes, "builtins.set": new_set,
                "builtins.frozenset": new_set, "__builtin__.set": new_set,
-               "__builtin__.frozenset": new_set}
-for _core in ("core", "_core"):
-    NUMPY_CALLS.update({f"numpy.{_core}.multiarray._reconstruct": numpy_reconstruct,
-                        f"numpy.{_core}.multiarray.scalar": numpy_scalar,
-                        f"numpy.{_core}.numeric._frombuffer": numpy_frombuffer})
+               "__builtin__.frozenset": new_set,
+               # numpy 1.x and 2.x spell their modules differently
+               **{f"numpy.{core}.{name}": call for core in ("core", "_core")
+                  for name, call in (("multiarray._reconstruct", numpy_reconstruct),
+                                     ("multiarray.scalar", numpy_scalar),
+                                     ("numeric._frombuffer", numpy_frombuffer))}}
 
 # detectron2 .pkl files: numpy arrays, scalars, dtypes and plain containers
 PKL_RULES = Rules(NUMPY_CALLS, values={"numpy.ndarray"})
