@@ -63,6 +63,18 @@ def torch_zip(path, obj, records, compression=zipfile.ZIP_STORED):
     return str(path)
 
 
+def torch_legacy(path, obj, storage_bytes):
+    """A legacy (PyTorch < 1.6) torch.save file: magic number, protocol, system info, `obj`,
+    its storage key, then the storage (float32): its element count and bytes."""
+    with open(path, "wb") as f:
+        for part in (safe_load.LEGACY_MAGIC, 1001, {"little_endian": True}):
+            pickle.dump(part, f, protocol=2)
+        ZipPickler(f, protocol=2).dump(obj)
+        pickle.dump(["0"], f, protocol=2)
+        f.write((len(storage_bytes) // 4).to_bytes(8, "little") + storage_bytes)  # float32
+    return str(path)
+
+
 def write_pickle(path, obj):
     with open(path, "wb") as f:
         pickle.dump(obj, f, protocol=2)
@@ -259,6 +271,11 @@ def bombs(tmp_path, r18):
             torch._utils._rebuild_tensor_v2, (storage, 0, (2 ** 28,), (0,), False,
                                               collections.OrderedDict()))},
             {"0": b"\0" * 16}), "over a storage of 4 elements"),
+        "legacy_storage": (torch_legacy(tmp_path / "legacy.pth", {"x": Reduce(
+            torch._utils._rebuild_tensor_v2, (Pid(("storage", torch.FloatStorage, "0", "cpu",
+                                                   huge, None)), 0, (1,), (1,), False,
+                                              collections.OrderedDict()))}, b"\0" * 16),
+            "in the 24 bytes that follow"),
         "zip_deflate": (torch_zip(tmp_path / "deflate.pth", {"x": 1}, {"0": bytes(64 << 20)},
                                   zipfile.ZIP_DEFLATED), "that expands to"),
         "shared_references": (converted_pkl(tmp_path / "shared.pkl", r18, normalization={
@@ -339,7 +356,10 @@ def malformed(tmp_path):
     cut = tmp_path / "cut.pth"
     torch.save({"state_dict": {"conv1.weight": torch.zeros(64, 3, 7, 7)}}, cut)
     cut.write_bytes(cut.read_bytes()[:3000])
+    claims = tmp_path / "claims.pkl"  # a BINBYTES8 that declares 2**60 bytes
+    claims.write_bytes(b"\x80\x04\x8e" + (2 ** 60).to_bytes(8, "little") + b"x.")
     return {"junk": (str(junk), "cannot be read as a checkpoint"),
+            "bytes_claim": (str(claims), "cannot be read as a checkpoint"),
             "legacy_tar": (str(legacy_tar), "legacy tar checkpoint"),
             "torchscript": (str(script), "TorchScript"),
             "unknown_module": (str(module), "nonexistent_module.Thing"),
