@@ -9,6 +9,7 @@ the start) in MB; ``in_process`` measures a call in this process alike. ``run_ca
 many cases in a few forked workers, one case at a time, and attributes a crash or a stall to
 the case in flight, then goes on with a fresh worker.
 """
+import faulthandler
 import json
 import os
 import resource
@@ -39,6 +40,7 @@ def _status_kb(field):
 
 
 def _child_setup(megabytes):
+    faulthandler.disable()  # a crash is the outcome reported, not a traceback dump
     torch = sys.modules.get("torch")
     if torch is not None:  # one thread: the worker shares the machine
         torch.set_num_threads(1)
