@@ -31,7 +31,7 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from convert import safe_load  # noqa: E402
+from convert import finite, safe_load  # noqa: E402
 from convert.errors import UserError  # noqa: E402
 from convert.files import atomic_open, sha256_of  # noqa: E402
 from convert.formats import (BGR_MSRA, FORMATS, RGB_TORCHVISION, custom_format,  # noqa: E402
@@ -81,7 +81,9 @@ def load_checkpoint(path, trust=False):
         raise ConversionError(f"{path}: no such file")
     try:
         return safe_load.load(path, trust)
-    except safe_load.UntrustedCheckpoint:
+    except safe_load.UnreadableCheckpoint as e:  # not a checkpoint, or damaged: one line
+        raise ConversionError(str(e)) from None
+    except UserError:  # refused
         raise
     except Exception as e:  # truncated zip, not a pickle, random bytes, ...
         raise ConversionError(
@@ -94,7 +96,7 @@ def load_checkpoint(path, trust=False):
 def _layout_hint(ckpt):
     sd = default_state_dict(ckpt)
     if sd:
-        prefixes = sorted({k.split(".")[0] for k in sd})
+        prefixes = sorted({str(k).split(".")[0] for k in sd})
         return f"the state dict's top-level prefixes are {prefixes[:20]}"
     return f"the checkpoint's top-level keys are {sorted(map(str, ckpt))[:20]}"
 
@@ -104,6 +106,7 @@ def find_weights(ckpt, path, key=None, prefix=None):
     (--key/--prefix), else the first known one found."""
     if not isinstance(ckpt, dict):
         raise ConversionError(f"{path}: expected a dict, found {type(ckpt).__name__}")
+    _string_keys(sub_dict(ckpt, key) if key else default_state_dict(ckpt), path)
     if key is None and prefix is None:
         if default_state_dict(ckpt) == {}:
             raise ConversionError(f"{path}: the state dict is empty")
@@ -127,6 +130,55 @@ def find_weights(ckpt, path, key=None, prefix=None):
     return fmt, sd
 
 
+def _string_keys(state_dict, path):
+    """A state dict names its tensors: a key that is not a string is refused, named."""
+    bad = [k for k in (state_dict if isinstance(state_dict, dict) else ())
+           if not isinstance(k, str)]
+    if bad:
+        raise ConversionError(f"{path}: the state dict has {len(bad)} key(s) that are not "
+                              f"names (e.g. {bad[0]!r} of type {type(bad[0]).__name__}); a "
+                              "state dict maps tensor names to tensors")
+
+
+def _tensors_only(backbone, path):
+    """Every backbone entry is an array or tensor (a stranger's file may hold anything)."""
+    bad = [k for k, v in backbone.items() if not (hasattr(v, "shape") and hasattr(v, "dtype"))]
+    if bad:
+        raise ConversionError(f"{path}: {len(bad)} backbone entries are not tensors (e.g. "
+                              f"{bad[0]}: {type(backbone[bad[0]]).__name__})")
+
+
+def normalization_problem(meta):
+    """What is wrong with a converted .pkl's ``moco_transfer`` metadata (its normalisation and
+    ResNet config, merged into the transfer config), or None."""
+    if not isinstance(meta, dict) or not isinstance(meta.get("normalization"), dict):
+        return "moco_transfer is not a dict holding 'normalization'"
+    norm, config = meta["normalization"], meta.get("config", {})
+    if set(norm) != set(RGB_TORCHVISION) or norm["INPUT.FORMAT"] not in ("RGB", "BGR") or \
+            type(norm["MODEL.RESNETS.STRIDE_IN_1X1"]) is not bool:
+        return f"normalization {str(norm)[:120]} is not {{INPUT.FORMAT, PIXEL_MEAN, ...}}"
+    for key in ("MODEL.PIXEL_MEAN", "MODEL.PIXEL_STD"):
+        v = norm[key]
+        if not (isinstance(v, (list, tuple)) and len(v) == 3 and
+                all(type(x) in (int, float) and np.isfinite(x) for x in v)):
+            return f"{key} {str(v)[:60]} is not 3 finite numbers"
+    if not isinstance(config, dict) or not all(
+            isinstance(k, str) and k.startswith("MODEL.RESNETS.") and
+            (type(v) in (int, float, bool) or (isinstance(v, str) and len(v) <= 32))
+            for k, v in config.items()):
+        return f"config {str(config)[:120]} is not MODEL.RESNETS.* settings"
+    return None
+
+
+def _finite(model, path, allow):
+    """Refuse NaN/Inf weights, naming the tensors (``--allow-nonfinite``: let them through)."""
+    found = finite.nonfinite(model)
+    if found and not allow:
+        raise ConversionError(f"{path}: {len(found)} tensor(s) hold NaN or Inf: "
+                              f"{finite.describe(found)}; {finite.ALLOW_FLAG} converts them "
+                              "anyway (for debugging)")
+
+
 def _to_numpy(v):
     if isinstance(v, np.ndarray):
         return v
@@ -137,6 +189,7 @@ def _to_numpy(v):
 def convert_state_dict(fmt, state_dict, claimed_arch=None, path="checkpoint"):
     """Return (arch, d2_model, dropped, heads) for the ResNet of `fmt` in a state dict."""
     backbone, dropped, heads = fmt.extract(state_dict)
+    _tensors_only(backbone, path)
     try:
         arch = identify(backbone, claimed_arch)
     except BackboneMismatch as e:
@@ -165,8 +218,12 @@ def convert_detectron2_pkl(data, path):
     if not (isinstance(data, dict) and isinstance(data.get("model"), dict)):
         raise ConversionError(f"{path}: a .pkl must be detectron2's {{'model': ..., '__author__'}}")
     model = data["model"]
+    _string_keys(model, path)
     if METADATA_KEY in data:
         meta = data[METADATA_KEY]
+        problem = normalization_problem(meta)
+        if problem:
+            raise ConversionError(f"{path}: {problem}; re-convert the source checkpoint")
         normalization = meta["normalization"]
     elif any(k.endswith("_bn_s") or k == "conv1_w" for k in model):
         # Caffe2 blob names (MSRA R-50.pkl and friends): detectron2 renames them at load.
@@ -186,6 +243,7 @@ def convert_detectron2_pkl(data, path):
         meta = {}
     backbone = OrderedDict((detectron2_to_torchvision(k), v) for k, v in model.items()
                            if not k.startswith("stem.fc."))
+    _tensors_only(backbone, path)
     try:
         arch = identify(backbone, meta.get("arch"))
     except BackboneMismatch as e:
@@ -195,16 +253,18 @@ def convert_detectron2_pkl(data, path):
     return data, info, []
 
 
-def convert(path, input_format=None, key=None, prefix=None, trust=False):
+def convert(path, input_format=None, key=None, prefix=None, trust=False, allow_nonfinite=False):
     """Convert the checkpoint at `path`; returns (pickle dict to write, summary dict).
     `key`/`prefix`: where the weights are, for a layout the converter does not know (or to take
-    another of a method's encoders); `trust`: full unpickling (--trust-checkpoint)."""
+    another of a method's encoders); `trust`: full unpickling (--trust-checkpoint);
+    `allow_nonfinite`: NaN/Inf weights are converted (--allow-nonfinite)."""
     raw = load_checkpoint(path, trust)
     if path.endswith(".pkl"):
         if key is not None or prefix is not None:
             raise ConversionError(f"{path}: --key/--prefix are for PyTorch and safetensors "
                                   "checkpoints; a detectron2 .pkl is passed through as it is")
         data, info, dropped = convert_detectron2_pkl(raw, path)
+        _finite(data["model"], path, allow_nonfinite)
         if input_format:
             info["normalization"] = RGB_TORCHVISION if input_format == "rgb" else BGR_MSRA
         info.update(source=os.path.abspath(path), sha256=sha256_of(path), epoch=None,
@@ -216,6 +276,7 @@ def convert(path, input_format=None, key=None, prefix=None, trust=False):
     fmt, state_dict = find_weights(raw, path, key, prefix)
     claimed = raw.get("arch")
     arch, model, dropped, heads = convert_state_dict(fmt, state_dict, claimed, path)
+    _finite(model, path, allow_nonfinite)
     normalization = fmt.normalization
     if input_format:
         normalization = RGB_TORCHVISION if input_format == "rgb" else BGR_MSRA
@@ -305,12 +366,13 @@ def main(argv=None):
     parser.add_argument("--prefix", help="where the ResNet's keys start in it (e.g. encoder_k.; "
                         "'' for bare conv1./layer1. keys)")
     parser.add_argument(safe_load.TRUST_FLAG, action="store_true", help=safe_load.TRUST_HELP)
+    parser.add_argument(finite.ALLOW_FLAG, action="store_true", help=finite.ALLOW_HELP)
     parser.add_argument("--verbose", action="store_true", help="print every renamed key")
     args = parser.parse_args(argv)
     out_path = args.output or default_output(args.input)
     try:
         obj, info = convert(args.input, args.input_format, args.key, args.prefix,
-                            args.trust_checkpoint)
+                            args.trust_checkpoint, args.allow_nonfinite)
     except UserError as e:
         print(f"error: {e}\nnothing was written.", file=sys.stderr)
         return 1

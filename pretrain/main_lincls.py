@@ -8,6 +8,7 @@ every other layer frozen and BN in eval mode. Without --val-data a fixed 20% of 
 """
 import argparse
 import os
+import re
 
 import torch
 import torch.nn as nn
@@ -70,6 +71,10 @@ def load_query_encoder(path, arch=None, num_classes=1000, trust=False, key=None,
     encoder, DINO's teacher, ...: convert/formats.py); fc re-initialised."""
     _, backbone, found_arch = read_resnet(path, key, prefix, trust)
     arch = arch or found_arch
+    if not (isinstance(arch, str) and re.fullmatch(r"(wide_)?res(net|next)[0-9_x]+d?", arch)
+            and hasattr(torchvision.models, arch)):
+        raise UserError(f"{path}: arch {str(arch)[:40]!r} is not a torchvision ResNet; give "
+                        "--arch")
     model = getattr(torchvision.models, arch)(num_classes=num_classes)
     state = {k: torch.as_tensor(v) for k, v in backbone.items()}
     unexpected = [k for k in state if k not in model.state_dict()]

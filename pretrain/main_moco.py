@@ -212,6 +212,9 @@ def checkpoint_dict(args, model, optimizer, scaler, epoch, iteration, batches_pe
     }
 
 
+RESUME_KEYS = {"state_dict", "optimizer", "rng", "shuffle_generator", "epoch"}
+
+
 def load_state(model, state_dict):
     if not isinstance(model, nn.parallel.DistributedDataParallel):
         state_dict = {k[len("module."):]: v for k, v in state_dict.items()}
@@ -235,6 +238,9 @@ def main(args):
     per_rank_batch = args.batch_size // world
     torch.manual_seed(args.seed + rank)
 
+    if not os.path.isdir(args.data):
+        raise UserError(f"--data {args.data}: no such folder (an ImageFolder tree or a flat "
+                        "folder of images)")
     dataset, finish = feed.pipeline(args.data, "v2" if args.aug_plus else "v1",
                                     args.image_size, args.seed, args.augment_on, device)
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))  # processes on this machine
@@ -263,6 +269,10 @@ def main(args):
     else:
         resume, ckpt = engine.load_latest_readable(args.output, args.trust_checkpoint)
     if resume:
+        missing = RESUME_KEYS - set(ckpt) if isinstance(ckpt, dict) else RESUME_KEYS
+        if missing:
+            raise UserError(f"{resume}: not a checkpoint of pretrain.main_moco (no "
+                            f"{', '.join(sorted(missing))}); give one written by --output")
         if ckpt.get("mechanism", "moco") != args.mechanism:
             raise UserError(f"{resume} was trained with --mechanism "
                             f"{ckpt.get('mechanism', 'moco')}, not {args.mechanism}: use "

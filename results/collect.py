@@ -9,11 +9,14 @@ STATES_IN_MEANS = ("complete",)
 
 
 def _read_json(path):
+    """A JSON object (dict) from `path`, or None: missing, malformed, nested too deep
+    (RecursionError) or not an object."""
     try:
         with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
+            data = json.load(f)
+    except (OSError, ValueError, RecursionError):
         return None
+    return data if isinstance(data, dict) else None
 
 
 def metrics_records(run_dir):
@@ -58,7 +61,8 @@ def read_run(run_dir):
     # a published checkpoint's name, URL and source sha256 (convert/zoo.py), None otherwise
     row["weights_source"] = status.get("weights_source")
     if row["state"] == "complete":
-        row["metrics"] = status.get("metrics", {})
+        metrics = status.get("metrics", {})
+        row["metrics"] = metrics if isinstance(metrics, dict) else {}
         if not row["metrics"]:
             row["state"], row["reason"] = "failed", "completed without evaluation results"
     elif row["state"] == "running":

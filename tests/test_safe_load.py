@@ -222,3 +222,67 @@ def test_no_full_unpickling_outside_the_trusted_path():
     visitor = UnsafeLoads()
     visitor.visit(ast.parse(open(os.path.join(ROOT, "convert", "safe_load.py")).read()))
     assert {fn for _, fn, _ in visitor.found} == {fn for _, fn in TRUSTED}
+
+
+# ---------------------------------------------------------------- real formats still load
+def py2_pkl(array):
+    """A Detectron-era .pkl as Python 2's cPickle wrote it (protocol 2: str data as BINSTRING,
+    numpy's dtype flags as the ints 0 and 1): {'blobs': {'conv1_w': array}}."""
+    data = array.astype("<f4").tobytes()
+    shape = b"K" + bytes([len(array)]) + b"\x85"
+    return (b"\x80\x02}q\x00U\x05blobsq\x01}U\x07conv1_wcnumpy.core.multiarray\n_reconstruct\n"
+            b"q\x02cnumpy\nndarray\nq\x03K\x00\x85U\x01b\x87Rq\x04(K\x01" + shape +
+            b"cnumpy\ndtype\nU\x02f4K\x00K\x01\x87R(K\x03U\x01<NNNJ\xff\xff\xff\xffJ\xff\xff"
+            b"\xff\xffK\x00tb\x89T" + len(data).to_bytes(4, "little") + data + b"tbss.")
+
+
+def test_every_real_format_loads_as_it_was_saved(tmp_path, r18):
+    """What each format needs is admitted: a MoCo checkpoint (zip and legacy torch.save) with
+    its optimizer, DINO/SwAV's argparse.Namespace, numpy scalars, torch.Size/device/dtype, a
+    Parameter; a torchvision state dict (OrderedDict with _metadata); detectron2 .pkl files in
+    protocols 2, 4, 5 and as Python 2 wrote them; safetensors."""
+    import argparse
+
+    from safetensors.torch import save_file
+
+    net = torchvision.models.resnet18()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    net.conv1.weight.grad = torch.ones_like(net.conv1.weight)
+    opt.step()
+    ckpt = {"epoch": 3, "arch": "resnet18", "optimizer": opt.state_dict(),
+            "state_dict": {f"module.encoder_q.{k}": v for k, v in r18.items()},
+            "args": argparse.Namespace(lr=0.1, arch="resnet18", dims=[1, 2]),
+            "best_acc1": np.float64(0.5), "size": torch.Size([2, 3]),
+            "device": torch.device("cpu"), "dtype": torch.float16,
+            "param": torch.nn.Parameter(torch.ones(2)), "set": {1, 2}}
+    for zipped in (True, False):
+        path = tmp_path / f"moco_{zipped}.pth.tar"
+        torch.save(ckpt, path, _use_new_zipfile_serialization=zipped)
+        back = safe_load.load(str(path))
+        assert back["args"] == ckpt["args"] and back["best_acc1"] == 0.5
+        assert (back["size"], back["device"], back["dtype"]) == (
+            ckpt["size"], ckpt["device"], ckpt["dtype"])
+        assert all(torch.equal(back["state_dict"][k], v) for k, v in ckpt["state_dict"].items())
+        assert torch.equal(back["optimizer"]["state"][0]["momentum_buffer"],
+                           ckpt["optimizer"]["state"][0]["momentum_buffer"])
+    torch.save(net.state_dict(), tmp_path / "tv.pth")
+    back = safe_load.load(str(tmp_path / "tv.pth"))
+    assert back._metadata == net.state_dict()._metadata and back.keys() == r18.keys()
+    arrays = {k: v.numpy() for k, v in r18.items()}
+    extra = {"s": np.float32(2), "be": np.arange(3, dtype=">f4"), "b": np.ones(2, bool),
+             "i": np.int64(3)}
+    for protocol in (2, 4, 5):
+        with open(tmp_path / f"d2_{protocol}.pkl", "wb") as f:
+            pickle.dump({"model": arrays, "__author__": "MOCO", **extra}, f, protocol=protocol)
+        back = safe_load.load(str(tmp_path / f"d2_{protocol}.pkl"))
+        assert all(np.array_equal(back["model"][k], v) for k, v in arrays.items())
+        with open(tmp_path / f"d2_{protocol}.pkl", "rb") as f:  # what pickle itself builds
+            reference = pickle.load(f, encoding="latin1")
+        assert all(np.array_equal(back[k], reference[k]) and back[k].dtype == reference[k].dtype
+                   for k in extra)
+    (tmp_path / "py2.pkl").write_bytes(py2_pkl(np.arange(5.0)))
+    back = safe_load.load(str(tmp_path / "py2.pkl"))
+    np.testing.assert_array_equal(back["blobs"]["conv1_w"], np.arange(5, dtype=np.float32))
+    save_file(r18, tmp_path / "w.safetensors")
+    back = safe_load.load(str(tmp_path / "w.safetensors"))
+    assert all(torch.equal(back[k], v) for k, v in r18.items())

@@ -4,8 +4,11 @@ Every entry point (training, evaluation, inference with a saved config) loads co
 ``get_cfg``/``load_config`` here, which adds this project's keys and registers its modules.
 """
 import difflib
+import os
+import stat
 
 import torch
+import yaml
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg as d2_get_cfg
 from detectron2.engine import DefaultTrainer
@@ -16,7 +19,7 @@ import transfer.semseg  # noqa: F401  (registers FCNHead, its datasets and mappe
 from convert.zoo import ZooOptions
 from transfer.configs import task_config_path
 from transfer.densepose.config import add_densepose_config
-from transfer.errors import ConfigError
+from transfer.errors import ConfigError, WeightsError
 from transfer.run_dir import run_dir
 from transfer.speed import data_workers
 from transfer.weights import weights_overrides
@@ -53,10 +56,50 @@ def add_moco_transfer_config(cfg):
     cfg.MOCO_TRANSFER.TRUST_CHECKPOINT = False
 
 
+MAX_YAML_BYTES = 1 << 20  # a config file is a few kB
+
+
+class SafeCfgNode(CN):
+    """detectron2's CfgNode whose YAML files, every ``_BASE_`` included, are parsed with
+    ``yaml.safe_load`` only. detectron2's ``merge_from_file`` asks fvcore to fall back to
+    ``yaml.unsafe_load`` when the safe load fails, which runs the code a YAML tag names
+    (``!!python/object/apply:os.system``); here that fallback is never taken, and a config or
+    base is read only from a local regular file (no URL, FIFO or device) of at most 1 MiB."""
+
+    @classmethod
+    def load_yaml_with_base(cls, filename, allow_unsafe=False):
+        return super().load_yaml_with_base(filename, allow_unsafe=False)
+
+    @classmethod
+    def _open_cfg(cls, filename):
+        if "://" in str(filename):
+            raise ConfigError(f"config {filename}: a URL; configs are local files")
+        fd = os.open(filename, os.O_RDONLY | os.O_NONBLOCK)
+        f = os.fdopen(fd, "r")
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_YAML_BYTES:
+            f.close()
+            raise ConfigError(f"config {filename}: not a regular file of at most "
+                              f"{MAX_YAML_BYTES} bytes")
+        return f
+
+    def merge_from_file(self, cfg_filename, allow_unsafe=False):
+        """Merge a YAML file; what is wrong with it (a tag, bad YAML, an unknown key, a
+        ``_BASE_`` cycle) is one ConfigError naming the file."""
+        try:
+            super().merge_from_file(cfg_filename, allow_unsafe=False)
+        except ConfigError:
+            raise
+        except (yaml.YAMLError, OSError, KeyError, ValueError, TypeError, AssertionError,
+                RecursionError) as e:
+            what = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ConfigError(f"config {cfg_filename}: {type(e).__name__}: {what}") from None
+
+
 def get_cfg():
     cfg = d2_get_cfg()
     add_moco_transfer_config(cfg)
-    return cfg
+    return SafeCfgNode(cfg)  # every node of the tree a SafeCfgNode
 
 
 def load_config(path):
@@ -159,16 +202,21 @@ def machine_settings(cfg, world_size, cuda):
 
 
 def setup_cfg(task, weights="random", *, seed=0, scale="full", overrides=(), output=None,
-              world_size=1, runs_root="runs", trust=False, cuda=None, zoo_opts=ZooOptions()):
+              world_size=1, runs_root="runs", trust=False, cuda=None, zoo_opts=ZooOptions(),
+              allow_nonfinite=False):
     """The fully resolved config of one run of `world_size` processes: the task's protocol
     (task YAML -> weights -> scale -> seed), then this machine's settings
     (``machine_settings``; `cuda`: whether the run has GPUs, default whether this machine has;
     False and True give the config of a CPU and of a GPU machine anywhere), then the overrides,
-    then the global batch's split (``split_global_batch``). `zoo_opts`: where published
-    checkpoints named in `weights` are cached (convert/zoo.py)."""
+    then the global batch's split (``split_global_batch``). `trust`: --trust-checkpoint;
+    `allow_nonfinite`: --allow-nonfinite (pretrained weights holding NaN/Inf are used);
+    `zoo_opts`: where published checkpoints named in `weights` are cached (convert/zoo.py)."""
     cfg = load_task_config(task)
-    name, wcfg = weights_overrides(weights, trust, zoo_opts)
-    cfg.merge_from_list([x for kv in wcfg.items() for x in kv])
+    name, wcfg = weights_overrides(weights, trust, zoo_opts, allow_nonfinite)
+    try:
+        cfg.merge_from_list([x for kv in wcfg.items() for x in kv])
+    except (KeyError, ValueError, AssertionError) as e:  # a converted .pkl's metadata
+        raise WeightsError(f"weights '{weights}': their config {e}; re-convert them") from None
     cfg.MOCO_TRANSFER.WEIGHTS = name
     cfg.MOCO_TRANSFER.TRUST_CHECKPOINT = trust
     if scale not in SCALES:

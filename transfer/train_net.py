@@ -24,7 +24,7 @@ import detectron2.utils.comm as comm
 from detectron2.engine import default_argument_parser, default_setup
 from detectron2.utils.logger import setup_logger
 
-from convert import safe_load, zoo
+from convert import finite, safe_load, zoo
 from convert.runtime import add_process_flags, apply_omp_wait_policy, entry_point
 from transfer import run_dir
 from transfer.config import diff_configs, setup_cfg
@@ -43,7 +43,8 @@ def resolve(args, world_size):
     return setup_cfg(args.task, args.weights, seed=args.seed, scale=args.scale,
                      overrides=args.opts, output=args.output, world_size=world_size,
                      runs_root=args.runs, trust=args.trust_checkpoint,
-                     zoo_opts=zoo.options_from_args(args))
+                     zoo_opts=zoo.options_from_args(args),
+                     allow_nonfinite=args.allow_nonfinite)
 
 
 def print_dry_run(args, world_size):
@@ -52,7 +53,8 @@ def print_dry_run(args, world_size):
     protocol = setup_cfg(args.task, args.weights, seed=args.seed, scale=args.scale,
                          overrides=args.opts, output=args.output, world_size=world_size,
                          runs_root=args.runs, trust=args.trust_checkpoint, cuda=True,
-                         zoo_opts=zoo.options_from_args(args))
+                         zoo_opts=zoo.options_from_args(args),
+                         allow_nonfinite=args.allow_nonfinite)
     here = resolve(args, world_size)
     print(protocol.dump())
     changed = {k: here_v for k, here_v, v in diff_configs(here, protocol)}
@@ -110,6 +112,7 @@ def get_parser():
                         "out among its processes (default: every core)")
     p.add_argument(safe_load.TRUST_FLAG, action="store_true", help=safe_load.TRUST_HELP)
     zoo.add_zoo_flags(p)
+    p.add_argument(finite.ALLOW_FLAG, action="store_true", help=finite.ALLOW_HELP)
     add_console_flags(p)
     add_process_flags(p)
     p.set_defaults(dist_url="auto")

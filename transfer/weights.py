@@ -18,8 +18,9 @@ for its metadata, and by the checkpointer (``checkpoint.py``) for its weights.
 import os
 from dataclasses import dataclass
 
-from convert import safe_load, zoo
+from convert import finite, safe_load, zoo
 from convert.formats import RGB_TORCHVISION
+from convert.to_detectron2 import normalization_problem
 from transfer.errors import WeightsError
 
 RESERVED_WEIGHTS = ("supervised", "random")
@@ -80,8 +81,19 @@ def prepare_weights(spec, opts=zoo.ZooOptions(), trust=False):
     return zoo.resolve(ws.entry.name, opts, trust) if ws.entry else None
 
 
-def read_converted_metadata(path, trust=False):
-    """Normalisation/config overrides carried by a converted .pkl (convert/to_detectron2.py)."""
+def check_finite(data, path, allow_nonfinite=False):
+    """Refuse pretrained weights holding NaN or Inf, naming them (--allow-nonfinite)."""
+    model = data.get("model") if isinstance(data, dict) else None
+    found = finite.nonfinite(model) if isinstance(model, dict) else []
+    if found and not allow_nonfinite:
+        raise WeightsError(f"weights '{path}': {len(found)} tensor(s) hold NaN or Inf: "
+                           f"{finite.describe(found)}; {finite.ALLOW_FLAG} uses them anyway "
+                           "(for debugging)")
+
+
+def read_converted_metadata(path, trust=False, allow_nonfinite=False):
+    """Normalisation/config overrides carried by a converted .pkl (convert/to_detectron2.py);
+    its weights must be finite (`allow_nonfinite`: --allow-nonfinite)."""
     if not os.path.isfile(path):
         raise WeightsError(f"weights file '{path}' not found")
     if not path.endswith(".pkl"):
@@ -89,8 +101,13 @@ def read_converted_metadata(path, trust=False):
             f"weights '{path}' are not in detectron2's format; convert them first:\n"
             f"  python convert/to_detectron2.py {path}")
     data = read_weights_file(path, trust)
+    check_finite(data, path, allow_nonfinite)
     meta = data.get("moco_transfer") if isinstance(data, dict) else None
     if meta:
+        problem = normalization_problem(meta)
+        if problem:
+            raise WeightsError(f"weights '{path}': {problem}; re-convert them with "
+                               "convert/to_detectron2.py")
         return dict(meta["normalization"], **meta.get("config", {})), meta
     author = str(data.get("__author__", "")) if isinstance(data, dict) else ""
     if author.upper() in ("MOCO", "TORCHVISION"):  # the reference converters' outputs
@@ -100,18 +117,18 @@ def read_converted_metadata(path, trust=False):
         f"convert/to_detectron2.py (use --input-format rgb|bgr for a detectron2 .pkl)")
 
 
-def _zoo_overrides(entry, opts, trust):
+def _zoo_overrides(entry, opts, trust, allow_nonfinite):
     """A registry entry's config: read from its converted .pkl once cached, else what the
     registry's layout implies (a dry run: nothing fetched)."""
     pkl = zoo.converted_path(entry, opts)
     if os.path.isfile(pkl):
-        overrides, meta = read_converted_metadata(pkl, trust)
+        overrides, meta = read_converted_metadata(pkl, trust, allow_nonfinite)
         record = meta.get("zoo", {})
     else:
         normalization, config = zoo.expected_metadata(entry)
         overrides, meta, record = dict(normalization, **config), {}, {}
     overrides["MODEL.WEIGHTS"] = os.path.abspath(pkl)
-    overrides["MOCO_TRANSFER.WEIGHTS_SHA256"] = meta.get("sha256", "")
+    overrides["MOCO_TRANSFER.WEIGHTS_SHA256"] = str(meta.get("sha256", ""))[:64]
     overrides["MOCO_TRANSFER.WEIGHTS_FORMAT"] = meta.get("format", entry.layout.get("format", ""))
     overrides["MOCO_TRANSFER.WEIGHTS_ZOO_NAME"] = entry.name
     overrides["MOCO_TRANSFER.WEIGHTS_SOURCE_URL"] = record.get("url", entry.urls[0])
@@ -119,16 +136,16 @@ def _zoo_overrides(entry, opts, trust):
     return overrides
 
 
-def weights_overrides(spec, trust=False, opts=zoo.ZooOptions()):
+def weights_overrides(spec, trust=False, opts=zoo.ZooOptions(), allow_nonfinite=False):
     """(label, {config key: value}) for a weights spec. Random init uses the MoCo (RGB,
-    torchvision) normalisation (PROTOCOL.md section 3)."""
+    torchvision) normalisation (PROTOCOL.md section 3). `allow_nonfinite`: --allow-nonfinite."""
     ws = read_spec(spec, zoo.load_registry(opts.registry))
     if ws.entry is not None:
-        return ws.label, _zoo_overrides(ws.entry, opts, trust)
+        return ws.label, _zoo_overrides(ws.entry, opts, trust, allow_nonfinite)
     if ws.path is None:
         return ws.label, dict(RGB_TORCHVISION, **{"MODEL.WEIGHTS": ""})
-    overrides, meta = read_converted_metadata(ws.path, trust)
+    overrides, meta = read_converted_metadata(ws.path, trust, allow_nonfinite)
     overrides["MODEL.WEIGHTS"] = os.path.abspath(ws.path)
-    overrides["MOCO_TRANSFER.WEIGHTS_SHA256"] = meta.get("sha256", "")
-    overrides["MOCO_TRANSFER.WEIGHTS_FORMAT"] = meta.get("format", "")
+    overrides["MOCO_TRANSFER.WEIGHTS_SHA256"] = str(meta.get("sha256", ""))[:64]
+    overrides["MOCO_TRANSFER.WEIGHTS_FORMAT"] = str(meta.get("format", ""))[:64]
     return ws.label, overrides

@@ -20,9 +20,12 @@ def known_tasks():
 
 
 def task_config_path(task):
-    path = os.path.join(CONFIG_DIR, task + ".yaml")
-    if task.startswith("Base-") or not os.path.isfile(path):
-        raise ConfigError(f"unknown task '{task}'. Known tasks:\n  " + "\n  ".join(known_tasks()))
+    """The YAML of a task named by its name (a name only: no path, no ``..``)."""
+    path = os.path.join(CONFIG_DIR, f"{task}.yaml")
+    if not (isinstance(task, str) and re.fullmatch(r"[A-Za-z0-9_]+", task)) or \
+            task not in known_tasks():
+        raise ConfigError(f"unknown task {str(task)[:80]!r}; a task is a name, one of: "
+                          f"{', '.join(known_tasks())} (python -m transfer.tasks)")
     return path
 
 
