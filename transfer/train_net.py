@@ -129,7 +129,9 @@ def run(argv=None):
     return execute(parse_args(argv))
 
 
-def execute(args):
+def execute(args, main_func=main):
+    """The run of `args`: ``main_func(args)`` in every process of it (train_net's ``main``, or
+    a caller's that wraps it, such as the protocol probe's recorder)."""
     layout = external_layout(os.environ)  # started by torchrun / SLURM: this process only
     world = layout.world_size if layout else args.num_gpus * args.num_machines
     cfg = resolve(args, world)  # the user's mistakes show here, before any process starts
@@ -137,10 +139,10 @@ def execute(args):
         print_dry_run(args, world)
         return None
     if layout:
-        return launch_external(main, layout, args=(args,), threads=args.threads)
+        return launch_external(main_func, layout, args=(args,), threads=args.threads)
     check_datasets(list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST))
     try:
-        return launch(main, args.num_gpus, num_machines=args.num_machines,
+        return launch(main_func, args.num_gpus, num_machines=args.num_machines,
                       machine_rank=args.machine_rank, dist_url=args.dist_url, args=(args,),
                       threads=args.threads)
     except BaseException as e:  # processes stopped from outside could not say so themselves
