@@ -101,6 +101,21 @@ def record(data, out_dir, num_gpus, *opts, threads=None, fault=None, check=True)
         return json.load(f)
 
 
+def probed(data, out_dir, *argv):
+    """A train_net run through transfer/protocol_probe.py: the records of its processes (rank 0's,
+    then RECORD.rank1, ...)."""
+    record = out_dir + ".probe.json"
+    finish([sys.executable, "-m", "transfer.protocol_probe", "--record", record, "--",
+            "--task", TASK, "--scale", "smoke", "--output", out_dir, *argv], env_for(data),
+           os.path.join(os.path.dirname(out_dir), "log.txt"))
+    records = []
+    for path in [record] + [f"{record}.rank{r}" for r in range(1, 8)]:
+        if os.path.isfile(path):
+            with open(path) as f:
+                records.append(json.load(f))
+    return records
+
+
 # Several updates at the schedule's lr (warmup factor 1, no step) on a model whose losses make no
 # discrete choice that float noise could flip: the RPN alone (ProposalNetwork). Its anchors
 # and the ground truth do not move, so each anchor's label is fixed; every anchor goes through
@@ -130,7 +145,8 @@ def runs(data, tmp_path_factory):
         "one": (record(data, str(root / "one"), 1, *RPN_ONLY, threads=per_process),
                 str(root / "one")),
         "two_rpn": (record(data, str(root / "two_rpn"), 2, *RPN_ONLY), str(root / "two_rpn")),
-        "two": (record(data, str(root / "two"), 2, check=False), str(root / "two")),
+        "two": (probed(data, str(root / "two"), "--num-gpus", "2", *SAME_COMPUTATION),
+                str(root / "two")),
     }
     for name, control in CONTROLS.items():
         out[name] = (record(data, str(root / name), 2, *RPN_ONLY, *control["opts"],
@@ -668,21 +684,19 @@ def test_runs_inside_another_program_give_back_its_thread_count(images, tmp_path
         torch.set_num_threads(before)
 
 
-def test_protocol_probe_records_every_process_of_a_num_gpus_run(data, tmp_path):
-    """`transfer.protocol_probe -- ... --num-gpus 2`: each spawned process records its own
-    forwards and steps (rank 1 into RECORD.rank1): one training iteration of 2 images each,
-    the 4 images of the global batch between them."""
-    record = str(tmp_path / "probe.json")
-    finish([sys.executable, "-m", "transfer.protocol_probe", "--record", record, "--",
-            "--task", TASK, "--scale", "smoke", "--num-gpus", "2", "--output",
-            str(tmp_path / "run"), *SAME_COMPUTATION, "SOLVER.MAX_ITER", "1",
-            "TEST.PRECISE_BN.ENABLED", "False"], env_for(data), str(tmp_path / "log.txt"))
-    files = []
-    for path in (record, record + ".rank1"):
-        with open(path) as f:
-            r = json.load(f)
+def test_protocol_probe_records_every_process_of_a_num_gpus_run(runs):
+    """`transfer.protocol_probe -- ... --num-gpus 2` (the Faster R-CNN reference run): each
+    spawned process records its own forwards and steps (rank 1 into RECORD.rank1): 3 training
+    iterations of 2 images each, the 4 images of each global batch between them, then
+    PreciseBN's 2 forwards."""
+    records = runs["two"][0]
+    assert len(records) == 2
+    iterations = []
+    for r in records:
         train = [fwd["images"] for fwd in r["forwards"] if fwd["mode"] == "train"]
-        assert len(train) == 1 and len(train[0]) == 2 and len(r["train_steps"]) == 1
-        assert r["error"] is None
-        files += [im["file_name"] for im in train[0]]
-    assert len(set(files)) == 4
+        assert len(train) == 3 + 2 and all(len(images) == 2 for images in train[:3])
+        assert len(r["train_steps"]) == 3 and r["error"] is None
+        assert any(fwd["mode"] == "test" for fwd in r["forwards"])  # evaluation, split
+        iterations.append([[im["file_name"] for im in images] for images in train[:3]])
+    for rank0, rank1 in zip(*iterations):
+        assert len(set(rank0 + rank1)) == 4
