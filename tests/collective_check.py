@@ -69,6 +69,16 @@ def mark(out, host):
                 pass
 
 
+def tensors_in(args):
+    """The tensors among `args`, and in its lists and tuples (one level: what torch ops take;
+    cheaper than a full tree walk on every op of a training run)."""
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            yield a
+        elif isinstance(a, (list, tuple)):
+            yield from (t for t in a if isinstance(t, torch.Tensor))
+
+
 def gives_device(args, kwargs):
     """Whether a factory or .to() call names a device (or a tensor to follow)."""
     if kwargs.get("device") is not None:
@@ -98,8 +108,8 @@ class Placement(TorchFunctionMode):
         elif kwargs.get("device") is not None:
             mark(out, False)
         else:
-            inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
-            if inputs and any(on_host(t) for t in inputs) and not any(
+            inputs = list(tensors_in(args))
+            if any(on_host(t) for t in inputs) and not any(
                     not on_host(t) and t.dim() > 0 for t in inputs):
                 outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
                 if not any(t is i for t in outs for i in inputs if not on_host(i)):
