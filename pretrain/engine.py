@@ -1,4 +1,5 @@
 """Pieces shared by the pretraining entry points: processes, precision, checkpoints, progress."""
+import contextlib
 import datetime
 import json
 import logging
@@ -10,44 +11,49 @@ import time
 import torch
 import torch.distributed as dist
 
-from convert import safe_load
+from convert import distributed, safe_load
 from convert import logs
 from convert.files import atomic_open
-from convert.machine import cpu_count, cpu_has_fast_bf16
+from convert.machine import cpu_has_fast_bf16
 
 logger = logging.getLogger("pretrain")
 
 
 # ---------------------------------------------------------------- processes
-def init_distributed(threads=None):
-    """Join the process group torchrun/submitit describe in the environment: NCCL with one GPU
-    per process, or gloo on a CPU, where the processes of one machine share its cores
+@contextlib.contextmanager
+def processes(environ, device_name="auto", threads=None):
+    """This process's part of the run torchrun/submitit describe in `environ` (WORLD_SIZE,
+    RANK, LOCAL_RANK, LOCAL_WORLD_SIZE): yields (rank, world_size, local_world_size, device),
+    the device being this process's GPU (cuda:LOCAL_RANK) or the CPU. Several processes join
+    the process group in the one place that does it (convert/distributed.py: NCCL on CUDA, gloo
+    on a CPU) and leave it at the end. On a CPU the processes of one machine share its cores
     (`threads` intra-op threads in all, default every core: torchrun's own default is one
-    thread per process).
-
-    Returns (rank, world_size, local_rank); (0, 1, 0) for a single process."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    if not torch.cuda.is_available():
-        torch.set_num_threads(max(1, (threads or cpu_count()) // local_world))
-    if world == 1:
-        return 0, 1, 0
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0))
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-    dist.init_process_group(backend=backend)
-    return rank, world, local_rank
+    thread per process); the caller's thread count is restored at the end."""
+    world = int(environ.get("WORLD_SIZE", "1"))
+    local_world = int(environ.get("LOCAL_WORLD_SIZE", world))
+    rank, local_rank = (int(environ["RANK"]), int(environ.get("LOCAL_RANK", 0))) \
+        if world > 1 else (0, 0)
+    if device_name == "auto":
+        device_name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device_name)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+    cpu_threads = None if device.type == "cuda" else \
+        distributed.threads_per_process(local_world, threads)
+    with distributed.intra_op_threads(cpu_threads):
+        if world > 1:
+            distributed.join(rank, world, local_rank, device.type == "cuda", "env://")
+        try:
+            yield rank, world, local_world, device
+        finally:
+            if world > 1:
+                dist.destroy_process_group()
 
 
 def mean_over_processes(values):
     """The mean of each float over every process (all of them must call it); unchanged on
-    one process."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return list(values)
-    t = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(t)
-    return (t / dist.get_world_size()).tolist()
+    one process (convert/distributed.py: on the device the group's backend takes)."""
+    return distributed.mean_over_processes(values)
 
 
 def setup_logging(output_dir, rank, to_console=True):
@@ -123,15 +129,25 @@ def load_latest_readable(output_dir, trust=False):
         lambda p: safe_load.load_torch(p, trust), logger, output_dir, "starting from scratch")
 
 
-def rng_state():
+def rng_state(device):
+    """The global generators' states in a device-independent form (CPU ByteTensors): the CPU's,
+    and the training GPU's on a CUDA run (None on a CPU run)."""
     return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
 
 
-def set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def set_rng_state(state, device):
+    """Restore rng_state's states on whatever device this run trains on: the CPU generator's
+    always; the GPU's where both runs train on CUDA (an older checkpoint's list of every GPU's
+    state gives this process's); a GPU state on a CPU run, or none on a GPU run, leaves the
+    GPU generator as seeded."""
+    torch.set_rng_state(state["torch"].cpu())
+    cuda = state.get("cuda")
+    if isinstance(cuda, (list, tuple)):
+        cuda = cuda[device.index or 0] if device.type == "cuda" and len(cuda) > (
+            device.index or 0) else None
+    if device.type == "cuda" and cuda is not None:
+        torch.cuda.set_rng_state(cuda.cpu(), device)
 
 
 # ---------------------------------------------------------------- progress

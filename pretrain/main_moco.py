@@ -189,8 +189,20 @@ def train_step(model, criterion, optimizer, scaler, im_q, im_k, device, amp_dtyp
     return loss, logits, labels
 
 
+def draw_seed(seed, iteration):
+    """The seed of the mechanism's draws (memory-bank negatives, MoCHi's mixtures) at
+    `iteration`: the same on every process, and a function of the iteration alone, so a run
+    resumed on another device type (or process count) draws from the same seed and the
+    checkpoint holds no device-specific generator state."""
+    return (seed * 1_000_003 + 17) * 10_000_019 + iteration
+
+
 def checkpoint_dict(args, model, optimizer, scaler, epoch, iteration, batches_per_epoch, gen,
-                    draws):
+                    device):
+    """The reference's keys, and what an exact resume needs, every state in a device-portable
+    form: tensors as saved (safe_load maps them to the CPU), the generators' states as CPU
+    ByteTensors (engine.rng_state; the key shuffle's generator lives on the CPU; the draws are
+    reseeded every iteration, draw_seed)."""
     state = model.state_dict()
     if not isinstance(model, nn.parallel.DistributedDataParallel):
         state = {"module." + k: v for k, v in state.items()}  # the reference's DDP key names
@@ -202,9 +214,8 @@ def checkpoint_dict(args, model, optimizer, scaler, epoch, iteration, batches_pe
         "iteration": iteration,
         "batches_per_epoch": batches_per_epoch,
         "scaler": scaler.state_dict() if scaler is not None else None,
-        "rng": engine.rng_state(),
+        "rng": engine.rng_state(device),
         "shuffle_generator": gen.get_state(),
-        "draw_generator": draws.get_state(),
         "mechanism": args.mechanism,
         "mochi": args.mochi,
         "config": json.loads(json.dumps(vars(args), default=str)),  # plain data (safe_load)
@@ -223,13 +234,15 @@ def load_state(model, state_dict):
 
 @restores_logging
 def main(args):
+    """The run `args` describe, in this process (one of torchrun's or submitit's, or alone);
+    the process group and the thread count are this run's only (engine.processes)."""
     args = resolve_args(args)
-    rank, world, local_rank = engine.init_distributed(args.threads)
+    with engine.processes(os.environ, args.device, args.threads) as layout:
+        return train(args, *layout)
+
+
+def train(args, rank, world, local_world, device):
     engine.setup_logging(args.output, rank, to_console=not args.quiet)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu")
-                          if args.device == "auto" else args.device)
-    if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
     precision, amp_dtype, use_scaler, channels_last = engine.resolve_precision(args.precision,
                                                                                 device)
     if args.batch_size % world:
@@ -243,20 +256,20 @@ def main(args):
                         "folder of images)")
     dataset, finish = feed.pipeline(args.data, "v2" if args.aug_plus else "v1",
                                     args.image_size, args.seed, args.augment_on, device)
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))  # processes on this machine
     data_settings = feed.loader_settings(device, args.workers, cpu_count() // local_world)
 
     model = build_model(args, world, len(dataset)).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     if world > 1:
-        model = mechanisms.wrap_ddp(model, [local_rank] if device.type == "cuda" else None)
+        model = mechanisms.wrap_ddp(model, [device.index] if device.type == "cuda" else None)
     optimizer = torch.optim.SGD(model.parameters(), args.lr, momentum=args.momentum,
                                 weight_decay=args.wd)
     scaler = engine.make_scaler(use_scaler, device)
     gen = torch.Generator().manual_seed(args.seed * 31 + rank)  # key-batch shuffles
-    # the mechanism's draws (memory-bank negatives, MoCHi): seeded alike on every process
-    draws = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + 17)
+    # the mechanism's draws (memory-bank negatives, MoCHi), on the training device: seeded alike
+    # on every process, at every iteration (draw_seed)
+    draws = torch.Generator(device=device)
     sampler = loader.ResumableSampler(len(dataset), per_rank_batch, args.seed, rank, world)
     bpe = sampler.batches_per_epoch
     total_iters = bpe * args.epochs
@@ -281,10 +294,8 @@ def main(args):
         optimizer.load_state_dict(ckpt["optimizer"])
         if scaler is not None and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
-        engine.set_rng_state(ckpt["rng"])
+        engine.set_rng_state(ckpt["rng"], device)
         gen.set_state(ckpt["shuffle_generator"])
-        if ckpt.get("draw_generator") is not None:
-            draws.set_state(ckpt["draw_generator"])
         start_iter = ckpt.get("iteration", ckpt["epoch"] * bpe)
         logger.info("resumed from %s at iteration %d (epoch %d)", resume, start_iter,
                     start_iter // bpe)
@@ -327,6 +338,7 @@ def main(args):
         for (views, _), batch in zip(data, batches):
             im_q, im_k = (finish(v) for v in views)  # float32, before the model's autocast
             index = torch.tensor([i for _, i in batch])
+            draws.manual_seed(draw_seed(args.seed, it))
             loss, logits, labels = train_step(model, criterion, optimizer, scaler, im_q, im_k,
                                               device, amp_dtype, channels_last, gen, index,
                                               draws)
@@ -342,7 +354,7 @@ def main(args):
             if rank == 0 and (end_of_epoch or it == total_iters or
                               (args.save_every_iters and it % args.save_every_iters == 0)):
                 ckpt = checkpoint_dict(args, model, optimizer, scaler, it // bpe, it, bpe, gen,
-                                       draws)
+                                       device)
                 engine.save_atomic(ckpt, os.path.join(args.output, "checkpoint_last.pth.tar"))
                 if end_of_epoch and ((it // bpe) % args.save_freq == 0 or it == total_iters):
                     engine.save_atomic(ckpt, os.path.join(

@@ -11,8 +11,10 @@ they must not import tests/conftest.py (which lays out a dataset root of its own
 import itertools
 import json
 import sys
+import time
 
 import detectron2.utils.comm as comm
+import torch
 from detectron2.engine import default_setup
 
 from transfer import run_dir
@@ -47,6 +49,19 @@ def record_run(argv, out):
         with open(out, "w") as f:
             json.dump({"image_ids": ids, "losses": losses, "local": local,
                        "world_size": comm.get_world_size()}, f)
+
+
+def stuck_collective(seconds):
+    """Rank 1 alive but never reaching the all_reduce that rank 0 waits in (for `seconds`)."""
+    if comm.get_rank() == 1:
+        time.sleep(seconds)
+        return
+    torch.distributed.all_reduce(torch.zeros(1))
+
+
+def threads_seen():
+    """torch's intra-op thread count inside the run."""
+    return torch.get_num_threads()
 
 
 def main(argv):

@@ -204,7 +204,9 @@ def test_mochi_with_no_mixtures_is_moco_v2_bit_for_bit():
     assert all(torch.equal(s1[k], s2[k]) for k in s1)
 
 
-def test_mochi_appends_its_negatives_after_warmup_and_never_enqueues_them():
+def test_mochi_appends_its_negatives_after_warmup_and_never_enqueues_them(monkeypatch):
+    from pretrain import mochi as mochi_module
+
     setting = MochiSetting(4, 3, 2)
     moco, mochi = twins(setting, warmup=1)
     mochi.set_epoch(0)  # warm-up: plain MoCo
@@ -212,9 +214,26 @@ def test_mochi_appends_its_negatives_after_warmup_and_never_enqueues_them():
     (l_warm, g_warm), = steps(copy.deepcopy(mochi), 1)
     assert torch.equal(l_moco, l_warm) and g_warm.shape == (8, 1 + 16)
     mochi.set_epoch(1)
+    seen = []  # each call's query, queue and draws, kept to recompute the logits
+
+    def recorded(q, queue, l_neg, setting, draws=None):
+        mix = hard_negative_mixtures(q, queue, l_neg, setting, draws)
+        seen.append((q.detach().double(), queue.detach().double().clone(), mix))
+        return mix
+    monkeypatch.setattr(mochi_module, "hard_negative_mixtures", recorded)
     (_, g_mix), = steps(mochi, 1)
     assert g_mix.shape == (8, 1 + 16 + 3 + 2)  # exactly s + s' more per query
     assert torch.equal(g_mix[:, :17], g_moco)  # positive and queue logits unchanged
+    # the appended logits by value: q . h / T, h rebuilt from the draws in float64
+    (q, queue, mix), = seen
+    keys = queue.t()
+    first, second, w = mix.first, mix.second, mix.weight.double()[..., None]
+    pairs = w[:, :3] * keys[first[:, :3]] + (1 - w[:, :3]) * keys[second[:, :3]]
+    with_query = w[:, 3:] * q[:, None, :] + (1 - w[:, 3:]) * keys[second[:, 3:]]
+    h = F.normalize(torch.cat([pairs, with_query], dim=1), dim=2)
+    expected = torch.einsum("nc,nsc->ns", q, h) / T
+    np.testing.assert_allclose(g_mix[:, 17:].double().numpy(), expected.numpy(), atol=1e-5)
+    assert (expected - expected.mean()).abs().max() > 0.1  # not a constant the check passes on
     assert torch.equal(mochi.queue, moco.queue)  # the queue holds the keys only
     with pytest.raises(ValueError, match="exceeds the queue size"):
         MoCHi(torchvision.models.resnet18, dim=8, K=4, setting=MochiSetting(8, 1, 1))
@@ -265,14 +284,39 @@ def converted(images, tmp_path_factory):
     return out
 
 
+_TAGGED_AS_CUDA = []  # while not empty, torch.save tags every storage cuda:0
+torch.serialization.register_package(
+    0, lambda storage: "cuda:0" if _TAGGED_AS_CUDA else None, lambda storage, location: None)
+
+
+def as_written_on_a_gpu(path):
+    """Rewrite a CPU run's checkpoint as a CUDA run writes it: the GPU generator's state (16
+    bytes of Philox seed and offset, not the CPU's 5056 of Mersenne twister) for the global
+    RNG and, as checkpoints before the draws were reseeded every iteration held it, for the
+    draws' generator; every tensor's storage tagged cuda:0, so that only a load mapped to the
+    CPU reads it here."""
+    ck = torch.load(path, map_location="cpu", weights_only=True)  # this test's own file
+    philox = torch.arange(16, dtype=torch.uint8)
+    ck["rng"]["cuda"], ck["draw_generator"] = philox.clone(), philox.clone()
+    _TAGGED_AS_CUDA.append(True)
+    try:
+        torch.save(ck, path)
+    finally:
+        _TAGGED_AS_CUDA.clear()
+    with pytest.raises(RuntimeError, match="CUDA"):
+        torch.load(path, weights_only=True)  # as on any machine without a GPU
+
+
 @pytest.mark.parametrize("name", list(MECHANISMS))
 def test_mechanism_checkpoint_resumes_exactly(name, converted, images, tmp_path):
-    """Killed after 2 iterations and started again: the checkpoint after 4 equals the
-    uninterrupted run's bit for bit (the memory bank, the queue and the draws' generator are
-    in the checkpoint); a run directory of another mechanism is refused in one line."""
+    """Killed after 2 iterations and started again, from the checkpoint as a GPU run writes it
+    (as_written_on_a_gpu): the checkpoint after 4 equals the uninterrupted CPU run's bit for bit
+    (the memory bank, the queue, the shuffle's generator are in the checkpoint; the draws are
+    reseeded every iteration); a run directory of another mechanism is refused in one line."""
     opts = MECHANISMS[name]
-    run_pretrain(images, tmp_path, **dict(PRETRAIN, max_iters=2), save_every_iters=1,
-                 **opts)
+    first = run_pretrain(images, tmp_path, **dict(PRETRAIN, max_iters=2), save_every_iters=1,
+                         **opts)
+    as_written_on_a_gpu(first)
     resumed = run_pretrain(images, tmp_path, **PRETRAIN, **opts)
     ck, ck2 = safe_load.load_torch(converted[name][0]), safe_load.load_torch(resumed)
     assert ck2["iteration"] == 4 and ck["mechanism"] == opts.get("mechanism", "moco")
@@ -285,6 +329,25 @@ def test_mechanism_checkpoint_resumes_exactly(name, converted, images, tmp_path)
     with pytest.raises(UserError, match="trained with --mechanism"):
         run_pretrain(images, tmp_path, max_iters=5,
                      mechanism="end_to_end" if name == "memory_bank" else "memory_bank")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (make gpu-check)")
+def test_a_checkpoint_moves_between_cpu_and_gpu_runs(images, tmp_path):
+    """The reverse of as_written_on_a_gpu, where a GPU exists: 2 iterations on the CPU, the 3rd
+    resumed on the GPU, the 4th on the CPU again; every generator state in the checkpoints is a
+    CPU ByteTensor (the GPU's own in 'rng'), and the run ends where the CPU run does."""
+    opts = dict(PRETRAIN, **MECHANISMS["memory_bank"])
+    run_pretrain(images, tmp_path, **dict(opts, max_iters=2), save_every_iters=1, device="cpu")
+    on_gpu = safe_load.load_torch(run_pretrain(images, tmp_path, **dict(opts, max_iters=3),
+                                               device="cuda"))
+    assert on_gpu["iteration"] == 3 and "draw_generator" not in on_gpu
+    assert on_gpu["rng"]["cuda"].device.type == "cpu" and on_gpu["rng"]["cuda"].dtype == \
+        torch.uint8
+    back = safe_load.load_torch(run_pretrain(images, tmp_path, **opts, device="cpu"))
+    assert back["iteration"] == 4 and back["rng"]["cuda"] is None
+    assert all(torch.isfinite(v).all() for v in back["state_dict"].values()
+               if v.is_floating_point())
 
 
 def test_every_mechanism_converts_and_transfers(converted, tmp_path, monkeypatch):

@@ -18,28 +18,32 @@ a port the kernel picks and keeps it bound for the run, so two runs started at o
 machine never collide (detectron2's "auto" looks for a free port, closes it and hopes).
 
 Failures: if one process dies (killed, out of memory, an exception), the others are stopped
-and ``RankFailed`` says in one line which rank it was and how it ended; a hang in a collective
-is not possible because the parent watches every child. Started again, the run resumes from its
-last checkpoint.
+and ``RankFailed`` says in one line which rank it was and how it ended. A process that is alive
+but stuck (a deadlock, a rank that never reaches a collective) is not something the parent can
+see: the other processes wait in their collective until the process group's timeout
+(``timeout``, DEFAULT_TIMEOUT: 30 minutes), then the collective raises and the run ends as
+above. Started again, the run resumes from its last checkpoint.
+
+The process group itself is joined in one place for pretraining and transfer
+(convert/distributed.py: NCCL on GPUs, gloo on CPUs, the GPU selected first).
 """
 import ctypes
 import dataclasses
 import logging
 import signal
 import sys
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from detectron2.utils import comm
 
-from convert.machine import cpu_count
+from convert import distributed
+from convert.distributed import DEFAULT_TIMEOUT, intra_op_threads, threads_per_process
 from transfer.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_TIMEOUT = timedelta(minutes=30)
 # an exit status a worker uses after printing a user error: the parent adds nothing to it
 USER_ERROR_EXIT = 3
 
@@ -93,20 +97,13 @@ def set_local_process_group(group):
 
 
 def init_process_group(layout, timeout=DEFAULT_TIMEOUT):
-    """Join the run's process group (NCCL with CUDA, gloo on a CPU) and give detectron2's
-    ``comm`` its per-machine group. Returns the backend."""
-    cuda = torch.cuda.is_available()
-    backend = "nccl" if cuda else "gloo"
-    if cuda:
-        torch.cuda.set_device(layout.local_rank)
-    if layout.store_port:
-        store = dist.TCPStore("127.0.0.1", layout.store_port, layout.world_size,
-                              is_master=False, timeout=timeout)
-        dist.init_process_group(backend, store=store, rank=layout.rank,
-                                world_size=layout.world_size, timeout=timeout)
-    else:
-        dist.init_process_group(backend, init_method=layout.init_method, rank=layout.rank,
-                                world_size=layout.world_size, timeout=timeout)
+    """Join the run's process group (convert/distributed.py: NCCL with CUDA, gloo on a CPU)
+    and give detectron2's ``comm`` its per-machine group. Returns the backend."""
+    store = dist.TCPStore("127.0.0.1", layout.store_port, layout.world_size, is_master=False,
+                          timeout=timeout) if layout.store_port else None
+    backend = distributed.join(layout.rank, layout.world_size, layout.local_rank,
+                               torch.cuda.is_available(), init_method=layout.init_method,
+                               store=store, timeout=timeout)
     n = layout.local_world_size
     for machine in range(layout.world_size // n):
         group = dist.new_group(list(range(machine * n, (machine + 1) * n)))
@@ -140,22 +137,17 @@ def _worker(local_rank, main_func, args, layout, threads, timeout):
         dist.destroy_process_group()
 
 
-def threads_per_process(num_processes, threads=None):
-    """Intra-op threads of each of `num_processes` CPU processes sharing `threads` (default:
-    every core this process may use)."""
-    return max(1, (threads or cpu_count()) // num_processes)
-
-
 def launch_external(main_func, layout, args=(), threads=None, timeout=DEFAULT_TIMEOUT):
     """This process's part of a run whose processes were started from outside (``layout``
-    from ``external_layout``)."""
-    if not torch.cuda.is_available():
-        torch.set_num_threads(threads_per_process(layout.local_world_size, threads))
-    init_process_group(layout, timeout)
-    try:
-        return main_func(*args)
-    finally:
-        dist.destroy_process_group()
+    from ``external_layout``); the caller's thread count is restored at the end."""
+    cpu_threads = None if torch.cuda.is_available() else \
+        threads_per_process(layout.local_world_size, threads)
+    with intra_op_threads(cpu_threads):
+        init_process_group(layout, timeout)
+        try:
+            return main_func(*args)
+        finally:
+            dist.destroy_process_group()
 
 
 def launch(main_func, num_gpus_per_machine, num_machines=1, machine_rank=0, dist_url="auto",
@@ -165,10 +157,9 @@ def launch(main_func, num_gpus_per_machine, num_machines=1, machine_rank=0, dist
     ``threads``: on a CPU, the intra-op threads of the whole run on this machine, shared out
     among its processes (default: every core)."""
     world = num_machines * num_gpus_per_machine
-    if world == 1:
-        if threads and not torch.cuda.is_available():
-            torch.set_num_threads(threads)
-        return main_func(*args)
+    if world == 1:  # in this process, with the caller's thread count restored at the end
+        with intra_op_threads(None if torch.cuda.is_available() else threads):
+            return main_func(*args)
     if torch.cuda.is_available() and num_gpus_per_machine > torch.cuda.device_count():
         raise UserError(f"--num-gpus {num_gpus_per_machine}: this machine has "
                         f"{torch.cuda.device_count()} GPU(s)")

@@ -3,8 +3,9 @@
     python -m transfer.protocol_probe --record probe.json -- --task coco_mask_fpn_2x \
         --weights random SOLVER.IMS_PER_BATCH 1 SOLVER.MAX_ITER 1
 
-Everything after ``--`` goes to ``transfer.train_net`` unchanged. Under torchrun every process
-records what it saw (rank r > 0 into ``RECORD.rank<r>``). The record (JSON) holds, for
+Everything after ``--`` goes to ``transfer.train_net`` unchanged. Every process of the run
+records what it saw, whether torchrun started it or ``--num-gpus N`` did (rank r > 0 into
+``RECORD.rank<r>``): the recorder runs inside each process, around train_net's ``main``. The record (JSON) holds, for
 every forward of the detection/segmentation model (any detectron2 meta-architecture): train or
 test mode, and per image its file, the size of the image tensor it received and, for semantic
 segmentation, the size of the predicted map; for every training iteration the wall and CPU
@@ -14,11 +15,13 @@ full-protocol test tier (tests/test_full_protocol.py) asserts on it, and ``make 
 turns it into the per-task cost table of BENCHMARKS.md.
 """
 import argparse
+import functools
 import os
 import resource
 import sys
 import time
 
+import detectron2.utils.comm as comm
 import torch
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.optim.optimizer import register_optimizer_step_post_hook
@@ -71,32 +74,40 @@ class Recorder:
                 register_optimizer_step_post_hook(self.after_optimizer_step)]
 
 
-def main(argv=None):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    split = argv.index("--") if "--" in argv else len(argv)
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--record", required=True, help="JSON file to write")
-    args = p.parse_args(argv[:split])
-    rank = int(os.environ.get("RANK", "0"))  # set by torchrun for each of its processes
-    record = args.record if rank == 0 else f"{args.record}.rank{rank}"
+def recorded_main(record, argv, args):
+    """train_net's ``main(args)`` in this process of the run, recorded into `record` (rank 0)
+    or ``record.rank<r>``; `argv`: the run's command line, kept in the record."""
+    rank = comm.get_rank()
+    path = record if rank == 0 else f"{record}.rank{rank}"
     recorder = Recorder()
     handles = recorder.install()
     started = time.perf_counter()
     error = None
     try:
-        train_net.run(argv[split + 1:])
+        return train_net.main(args)
     except BaseException as e:  # recorded, then raised again with its traceback
         error = e
         raise
     finally:
         for h in handles:
             h.remove()
-        write_json_atomic({"argv": argv[split + 1:], "forwards": recorder.forwards,
-                    "train_steps": recorder.steps,
-                    "peak_rss_mb": peak_rss_mb(), "seconds": time.perf_counter() - started,
-                    "threads": torch.get_num_threads(),
-                    "error": None if error is None else f"{type(error).__name__}: {error}"},
-                   record, indent=1)
+        write_json_atomic({"argv": argv, "forwards": recorder.forwards,
+                           "train_steps": recorder.steps,
+                           "peak_rss_mb": peak_rss_mb(), "seconds": time.perf_counter() - started,
+                           "threads": torch.get_num_threads(),
+                           "error": None if error is None else f"{type(error).__name__}: {error}"},
+                          path, indent=1)
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    split = argv.index("--") if "--" in argv else len(argv)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--record", required=True, help="JSON file to write")
+    args = p.parse_args(argv[:split])
+    run_argv = argv[split + 1:]
+    train_net.execute(train_net.parse_args(run_argv),
+                      functools.partial(recorded_main, os.path.abspath(args.record), run_argv))
 
 
 if __name__ == "__main__":

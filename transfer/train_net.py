@@ -140,7 +140,9 @@ def run(argv=None):
     return execute(parse_args(argv))
 
 
-def execute(args):
+def execute(args, main_func=main):
+    """The run of `args`: ``main_func(args)`` in every process of it (train_net's ``main``, or
+    a caller's that wraps it, such as the protocol probe's recorder)."""
     layout = external_layout(os.environ)  # started by torchrun / SLURM: this process only
     world = layout.world_size if layout else args.num_gpus * args.num_machines
     if not args.dry_run:  # a published checkpoint: fetched and converted once, before any process
@@ -151,10 +153,10 @@ def execute(args):
         print_dry_run(args, world)
         return None
     if layout:
-        return launch_external(main, layout, args=(args,), threads=args.threads)
+        return launch_external(main_func, layout, args=(args,), threads=args.threads)
     check_datasets(list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST))
     try:
-        return launch(main, args.num_gpus, num_machines=args.num_machines,
+        return launch(main_func, args.num_gpus, num_machines=args.num_machines,
                       machine_rank=args.machine_rank, dist_url=args.dist_url, args=(args,),
                       threads=args.threads)
     except BaseException as e:  # processes stopped from outside could not say so themselves
