@@ -16,14 +16,14 @@ CUDA_PREFETCH = 4  # batches in flight per worker: evens out per-batch decode ti
 
 
 def pipeline(data, version, size, seed, augment_on, device):
-    """(dataset, finish): the dataset yields (views, label); finish(view batch) is the
-    normalised float32 batch on `device`."""
+    """(dataset, finish): the dataset yields (views, index of the image read: the memory bank's
+    entry); finish(view batch) is the normalised float32 batch on `device`."""
     if augment_on == "cpu":
         transform = loader.TwoCropsTransform(loader.moco_augmentation(version, size))
-        return (loader.ImageFiles(data, transform, seed=seed),
+        return (loader.ImageFiles(data, transform, seed=seed, target="index"),
                 lambda batch: batch.to(device, non_blocking=True))
     split = views.SplitViews(version, size)
-    return (loader.ImageFiles(data, split.crop, seed=seed, decode=split.decode),
+    return (loader.ImageFiles(data, split.crop, seed=seed, decode=split.decode, target="index"),
             augment.BatchAugment(version, device))
 
 

@@ -117,6 +117,10 @@ class ImageFiles(torch.utils.data.Dataset):
     """Images from a folder: `transform(decode(file))` per sample.
 
     Unreadable files are reported once with their path and replaced by the next readable image.
+    Each sample is `(transform(image), target)`; `target` is the image's label, or with
+    `target="index"` the index of the image actually read (pretraining: the memory bank writes
+    a sample's features into the entry of the image they came from, not into the entry of an
+    unreadable one that it replaced).
     With `seed`, the random augmentation of sample i in epoch e is a function of (seed, e, i):
     identical whatever the worker count and across a kill and resume. The epoch is the last
     `set_epoch`, or travels with the index: `dataset[(epoch, i)]` (what `ResumableSampler`
@@ -125,8 +129,12 @@ class ImageFiles(torch.utils.data.Dataset):
     draw random numbers (the split path draws the crops first, to decode at reduced scale).
     """
 
-    def __init__(self, root, transform, seed=None, decode=decode_rgb):
-        self.root = root
+    TARGETS = ("label", "index")
+
+    def __init__(self, root, transform, seed=None, decode=decode_rgb, target="label"):
+        if target not in self.TARGETS:
+            raise ValueError(f"target {target!r} is not one of {self.TARGETS}")
+        self.root, self.target = root, target
         self.paths, self.labels, self.classes = list_images(root)
         self.transform, self.decode = transform, decode
         self.seed = seed
@@ -158,7 +166,7 @@ class ImageFiles(torch.utils.data.Dataset):
         with (random_stream(self.seed, epoch, index) if self.seed is not None
               else contextlib.nullcontext()):
             i, img = self.load(index)
-            return self.transform(img), self.labels[i]
+            return self.transform(img), (i if self.target == "index" else self.labels[i])
 
 
 class ResumableSampler(torch.utils.data.Sampler):

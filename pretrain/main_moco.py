@@ -332,12 +332,10 @@ def train(args, rank, world, local_world, device):
                                          args.schedule)
         sampler.set_epoch(epoch, start_batch)  # the epoch travels with each index to the workers
         mechanisms.set_epoch(model, epoch)
-        # the batches' dataset indices (the memory bank's entries): the sampler's (epoch, index)
-        # pairs, cut as the loader cuts them
-        batches = torch.utils.data.BatchSampler(sampler, per_rank_batch, drop_last=True)
-        for (views, _), batch in zip(data, batches):
+        # each sample's index is the image actually read (the memory bank's entry; an
+        # unreadable image's place is taken by the next readable one: pretrain/loader.py)
+        for views, index in data:
             im_q, im_k = (finish(v) for v in views)  # float32, before the model's autocast
-            index = torch.tensor([i for _, i in batch])
             draws.manual_seed(draw_seed(args.seed, it))
             loss, logits, labels = train_step(model, criterion, optimizer, scaler, im_q, im_k,
                                               device, amp_dtype, channels_last, gen, index,

@@ -379,3 +379,29 @@ def test_default_run_directory_is_named_after_the_mechanism(images, tmp_path):
     args = main_moco.get_args_parser().parse_args(["--data", images, "--mochi", "4,3,2",
                                                     "--moco-k", "16"])
     assert os.path.basename(main_moco.resolve_args(args).output) == "mochi_4_3_2_v2_resnet50"
+
+
+def test_memory_bank_entry_of_an_unreadable_image_is_never_written(images, tmp_path):
+    """An unreadable image is replaced by the next readable one (pretrain/loader.py); the
+    replacement's features go into the replacement's own entry. After the first epoch's
+    updates (24 images, 3 batches of 8; an update lands at the next step), the unreadable
+    image's entry is its initial value bit for bit, and every readable image's entry has moved.
+    Control: with the sampler's index (the old code), the unreadable entry is overwritten."""
+    import shutil
+
+    from pretrain import loader
+
+    data = tmp_path / "images"
+    shutil.copytree(images, data)
+    paths = loader.list_images(str(data))[0]
+    bad = 5
+    with open(paths[bad], "wb") as f:
+        f.write(b"not an image")
+    ck = safe_load.load_torch(run_pretrain(str(data), tmp_path / "run", max_iters=4, epochs=2,
+                                           mechanism="memory_bank"))
+    bank = ck["state_dict"]["module.memory_bank"]
+    init = F.normalize(torch.randn(len(paths), 128, generator=torch.Generator().manual_seed(0)),
+                       dim=1)
+    assert torch.equal(bank[bad], init[bad])
+    moved = [i for i in range(len(paths)) if not torch.equal(bank[i], init[i])]
+    assert moved == [i for i in range(len(paths)) if i != bad]
