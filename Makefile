@@ -115,7 +115,7 @@ tasks: $(STAMP)
 # Plan and run every TASKS x WEIGHTS x SEEDS run (skips complete ones, resumes the rest).
 suite: $(STAMP)
 	$(PYTHON) -m tools.suite --tasks "$(TASKS)" --weights "$(WEIGHTS)" --seeds $(SEEDS) --jobs $(JOBS) \
-	  --scale $(SCALE) --runs $(RUNS) $(if $(DRY_RUN),--dry-run) $(VERBOSE_FLAG) $(ARGS)
+	  --num-gpus $(NUM_GPUS) --scale $(SCALE) --runs $(RUNS) $(if $(DRY_RUN),--dry-run) $(VERBOSE_FLAG) $(ARGS)
 
 # Collate the runs under RUNS into the paper's tables and an HTML report under OUT.
 results: $(STAMP)
