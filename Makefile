@@ -112,7 +112,7 @@ densepose-fixture: $(STAMP)
 tasks: $(STAMP)
 	$(PYTHON) -m transfer.tasks
 
-# Plan and run every TASKS x WEIGHTS x SEEDS run (skips complete ones, resumes the rest).
+# Plan and run every TASKS x WEIGHTS x SEEDS run, NUM_GPUS processes each (skips complete ones).
 suite: $(STAMP)
 	$(PYTHON) -m tools.suite --tasks "$(TASKS)" --weights "$(WEIGHTS)" --seeds $(SEEDS) --jobs $(JOBS) \
 	  --num-gpus $(NUM_GPUS) --scale $(SCALE) --runs $(RUNS) $(if $(DRY_RUN),--dry-run) $(VERBOSE_FLAG) $(ARGS)
