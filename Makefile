@@ -181,11 +181,11 @@ densepose-fixture: $(STAMP)
 tasks: $(STAMP)
 	$(PYTHON) -m transfer.tasks
 
-# Plan and run every TASKS x WEIGHTS x SEEDS run (skips complete ones, resumes the rest).
+# Plan and run every TASKS x WEIGHTS x SEEDS run, NUM_GPUS processes each (skips complete ones).
 suite: $(STAMP)
 	$(PYTHON) -m tools.suite --tasks "$(TASKS)" --weights "$(WEIGHTS)" --seeds $(SEEDS) --jobs $(JOBS) \
-	  --scale $(SCALE) --runs $(RUNS) $(if $(DRY_RUN),--dry-run) $(VERBOSE_FLAG) $(ZOO_FLAGS) \
-	  $(ARGS)
+	  --num-gpus $(NUM_GPUS) --scale $(SCALE) --runs $(RUNS) $(if $(DRY_RUN),--dry-run) $(VERBOSE_FLAG) \
+	  $(ZOO_FLAGS) $(ARGS)
 
 # Collate the runs under RUNS into the paper's tables and an HTML report under OUT.
 results: $(STAMP)

@@ -8,9 +8,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
 
 from convert.files import write_text_atomic  # noqa: E402
 from results.collect import long_metrics, metrics_records  # noqa: E402
+from results.cost import cost_frame, cost_markdown  # noqa: E402
 from results.paper_numbers import LINEAR_TOP1  # noqa: E402
 from results.tables import REFERENCE_WEIGHTS, format_reference  # noqa: E402
 
@@ -23,7 +25,7 @@ def table_markdown(table, decimals):
     frame = table.frame(decimals)
     body = frame.to_markdown() if len(frame) else "(no runs)"
     return f"## {table.title} ({table.scale})\n\n{body}\n\n" + \
-        "".join(f"- {line}\n" for line in table.notes())
+        "".join(f"- {line}\n" for line in table.notes(decimals))
 
 
 def linear_reference_markdown():
@@ -39,25 +41,58 @@ def linear_reference_markdown():
     return "\n".join(parts) + "\n"
 
 
+def smooth(values, window):
+    """Centred moving average over `window` iterations (fewer at the ends)."""
+    return pd.Series(values, dtype=float).rolling(window, center=True, min_periods=1).mean() \
+        .to_numpy()
+
+
+def smoothing_window(n):
+    """Iterations averaged by the smoothed line: about a tenth of the run, odd, at least 3."""
+    return max(3, (n // 10) | 1)
+
+
+def curve_data(runs, task, scale, key="total_loss"):
+    """{weights: (iterations, [each seed's loss at every logged iteration], smoothed mean over
+    seeds)} from the runs' metrics.json (every iteration: transfer/trainer.metrics_writer)."""
+    curves = {}
+    for weights, group in runs[(runs["task"] == task) & (runs["scale"] == scale)].groupby(
+            "weights", sort=False):
+        per_seed = []
+        for path in group["path"]:
+            recs = {rec["iteration"]: rec[key] for rec in metrics_records(path)
+                    if key in rec and "iteration" in rec}
+            if recs:
+                per_seed.append(recs)
+        if not per_seed:
+            continue
+        its = sorted(set().union(*per_seed))
+        raw = [[seed.get(i, np.nan) for i in its] for seed in per_seed]
+        mean = np.nanmean(np.array(raw, dtype=float), axis=0)
+        curves[weights] = (its, raw, smooth(mean, smoothing_window(len(its))))
+    return curves
+
+
 def loss_curves(runs, task, scale, path):
-    """Training total_loss per weights (one line per seed) from detectron2's metrics.json."""
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    colors = {}
-    for r in runs[(runs["task"] == task) & (runs["scale"] == scale)].itertuples():
-        recs = [rec for rec in metrics_records(r.path) if "total_loss" in rec]
-        its = [rec["iteration"] for rec in recs]
-        losses = [rec["total_loss"] for rec in recs]
-        if its:
-            c = colors.setdefault(r.weights, f"C{len(colors)}")
-            ax.plot(its, losses, color=c, alpha=0.8,
-                    label=r.weights if r.weights not in ax.get_legend_handles_labels()[1] else None)
-    if not colors:
-        plt.close(fig)
+    """The training loss of every logged iteration, one panel per weights: each seed raw
+    (faint), and the mean over seeds smoothed (solid)."""
+    curves = curve_data(runs, task, scale)
+    if not curves:
         return False
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("total loss")
-    ax.set_title(f"{task} ({scale}): training loss")
-    ax.legend()
+    fig, axes = plt.subplots(1, len(curves), figsize=(3.2 * len(curves) + 0.8, 3.2),
+                             sharey=True, squeeze=False)
+    for i, (ax, (weights, (its, raw, smoothed))) in enumerate(zip(axes[0], curves.items())):
+        for seed in raw:
+            ax.plot(its, seed, color=f"C{i}", alpha=0.35, lw=0.8)
+        ax.plot(its, smoothed, color=f"C{i}", lw=2,
+                label=f"mean of {len(raw)} seed(s), smoothed over "
+                      f"{smoothing_window(len(its))} it.")
+        ax.set_title(weights, fontsize=9)
+        ax.set_xlabel("iteration")
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("total loss")
+    fig.suptitle(f"{task} ({scale}): training loss at every iteration (faint: each seed)",
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -99,8 +134,9 @@ def delta_bars(table, path):
     return True
 
 
-def write_report(runs, tables, out_dir, decimals=1):
-    """Write every output under out_dir; returns the list of files written."""
+def write_report(runs, tables, out_dir, decimals=1, bench=None):
+    """Write every output under out_dir; returns the list of files written. `bench`: the
+    `make bench-tasks` records the cost projections may use (results/cost.py)."""
     os.makedirs(os.path.join(out_dir, "plots"), exist_ok=True)
     written = []
     md_all = ["# Transfer results\n"]
@@ -112,7 +148,7 @@ def write_report(runs, tables, out_dir, decimals=1):
         name = slug(f"{table.title}_{table.scale}")
         frame = table.frame(decimals)
         md = table_markdown(table, decimals)
-        for ext, text in (("md", md), ("csv", frame.to_csv()),
+        for ext, text in (("md", md), ("csv", table.ci_frame(decimals).to_csv()),
                           ("tex", frame.to_latex() if len(frame) else "")):
             p = os.path.join(out_dir, f"{name}.{ext}")
             write_text_atomic(text, p)
@@ -120,8 +156,8 @@ def write_report(runs, tables, out_dir, decimals=1):
         md_all.append(md)
         html_parts.append(f"<h2>{html.escape(table.title)} ({table.scale})</h2>")
         html_parts.append(frame.to_html(escape=True))
-        html_parts.append("<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in table.notes())
-                          + "</ul>")
+        html_parts.append("<ul>" + "".join(f"<li>{html.escape(n)}</li>"
+                                           for n in table.notes(decimals)) + "</ul>")
         bar = os.path.join(out_dir, "plots", f"{name}_deltas.png")
         if delta_bars(table, bar):
             html_parts.append(f"<img src='plots/{os.path.basename(bar)}'>")
@@ -131,6 +167,12 @@ def write_report(runs, tables, out_dir, decimals=1):
             if loss_curves(runs, task, table.scale, curve):
                 html_parts.append(f"<img src='plots/{os.path.basename(curve)}'>")
                 written.append(curve)
+    cost = cost_markdown(runs, bench or {})
+    md_all.append(cost)
+    html_parts.append("<pre>" + html.escape(cost) + "</pre>")
+    cost_path = os.path.join(out_dir, "cost.csv")
+    write_text_atomic(cost_frame(runs).to_csv(index=False), cost_path)
+    written.append(cost_path)
     linear = linear_reference_markdown()
     linear_path = os.path.join(out_dir, "paper_linear_top1.md")
     write_text_atomic(linear, linear_path)

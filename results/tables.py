@@ -5,7 +5,11 @@ Statistics, stated under every table:
 - the delta of a row is its mean minus the supervised row's mean, e.g. "55.9 (+2.4)";
 - "*" marks a delta significant at p < 0.05 under Welch's two-sided t-test over seeds
   (needs at least 2 complete seeds on both rows; otherwise no mark can be given);
-- under the table, each row's p-values against random init and against supervised, per column.
+- under the table, per column: each mean's 95% confidence interval (Student t over seeds,
+  n - 1 degrees of freedom), and each row's difference to random init and to supervised with
+  its 95% Welch interval and p-value;
+- the paper's rows carry their delta to the paper's own supervised row, as the paper prints
+  them ("55.9 (+2.4)").
 A table holds any number of pretraining methods: one row per weights name
 (`--weights "moco_v2=a.pkl mochi_256_512_0=b.pkl supervised random"`).
 Runs are averaged only with runs of the same task, scale and protocol (schedule, global batch,
@@ -22,10 +26,12 @@ from scipy import stats
 from results.paper_numbers import paper_rows
 
 SIGNIFICANCE_LEVEL = 0.05
+CONFIDENCE = 0.95
 REFERENCE_WEIGHTS = "supervised"
 BASELINES = ("random", "supervised")  # every other row is tested against both
 ROW_ORDER = {"random": 0, "supervised": 1}
 ROW_LABEL = {"random": "random init", "supervised": "supervised"}
+PAPER_SUPERVISED = "paper: supervised"  # the paper's own reference row (its deltas' origin)
 
 
 @dataclass
@@ -43,6 +49,54 @@ class Stat:
     @property
     def std(self):
         return float(np.std(self.values, ddof=1)) if self.n >= 2 else math.nan
+
+    @property
+    def ci(self):
+        return t_interval(self.values)
+
+
+def t_interval(values, level=CONFIDENCE):
+    """The mean's confidence interval (low, high), Student t with n - 1 degrees of freedom:
+    mean ± t_{(1 + level) / 2, n - 1} s / sqrt(n); None for fewer than 2 values."""
+    n = len(values)
+    if n < 2:
+        return None
+    mean, sem = float(np.mean(values)), float(np.std(values, ddof=1)) / math.sqrt(n)
+    half = float(stats.t.ppf((1 + level) / 2, n - 1)) * sem
+    return mean - half, mean + half
+
+
+def welch_interval(a, b, level=CONFIDENCE):
+    """(mean(a) - mean(b), (low, high)): the difference of means and its Welch interval,
+    ± t_{(1 + level) / 2, df} sqrt(s_a^2 / n_a + s_b^2 / n_b) with the Welch-Satterthwaite
+    df; (difference, None) when either side has fewer than 2 values."""
+    diff = float(np.mean(a) - np.mean(b)) if len(a) and len(b) else math.nan
+    if len(a) < 2 or len(b) < 2:
+        return diff, None
+    va, vb = np.var(a, ddof=1) / len(a), np.var(b, ddof=1) / len(b)
+    se = math.sqrt(va + vb)
+    if se == 0:
+        return diff, (diff, diff)
+    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+    half = float(stats.t.ppf((1 + level) / 2, df)) * se
+    return diff, (diff - half, diff + half)
+
+
+def format_interval(interval, decimals=1, signed=False):
+    if interval is None:
+        return "n/a"
+    f = f"{{:{'+' if signed else ''}.{decimals}f}}"
+    return f"[{f.format(interval[0])}, {f.format(interval[1])}]"
+
+
+def format_difference(a, b, decimals=1):
+    """'+2.50 [95% CI +0.07, +4.93], p = 0.0494': a difference of means over seeds, its Welch
+    interval and Welch's two-sided p-value."""
+    diff, interval = welch_interval(a, b)
+    p = welch_p(a, b)
+    return (f"{diff:+.{decimals}f} [{CONFIDENCE:.0%} CI "
+            f"{format_interval(interval, decimals, signed=True)[1:-1]}], p = "
+            + ("n/a" if p is None else f"{p:.3g}"))
 
 
 def welch_p(a, b):
@@ -69,13 +123,22 @@ def format_cell(stat, ref=None, decimals=1):
     return text
 
 
-def format_reference(value):
-    """A published number: '-' (not given), '55.9', or '81.1 ± 0.1' (mean ± std over runs)."""
+def format_reference(value, ref=None):
+    """A published number: '-' (not given), '55.9', or '81.1 ± 0.1' (mean ± std over runs);
+    with `ref` (the paper's supervised number), its delta as the paper prints it: '55.9 (+2.4)'."""
     if value is None:
         return "-"
-    if isinstance(value, tuple):
-        return f"{value[0]:.1f} ± {value[1]:.1f}"
-    return f"{value:.1f}"
+    mean = value[0] if isinstance(value, tuple) else value
+    text = f"{mean:.1f} ± {value[1]:.1f}" if isinstance(value, tuple) else f"{mean:.1f}"
+    if ref is not None:
+        ref_mean = ref[0] if isinstance(ref, tuple) else ref
+        text += f" ({mean - ref_mean:+.1f})"
+    return text
+
+
+def paper_supervised_label(labels):
+    """The paper's supervised row among a table's reference rows (None if it has none)."""
+    return next((label for label in labels if label.startswith(PAPER_SUPERVISED)), None)
 
 
 def describe_protocol(task, protocol_json):
@@ -118,16 +181,33 @@ class Table:
                 cells[self.column_label(task, metric)] = format_cell(
                     self.stats.get((w, task, metric)), ref, decimals)
             rows[ROW_LABEL.get(w, w)] = cells
+        sup = paper_supervised_label(self.reference_rows)
         for label, values in self.reference_rows.items():
-            rows[label] = {self.column_label(t, m): format_reference(values.get((t, m)))
+            ref = self.reference_rows[sup] if sup and label != sup else {}
+            rows[label] = {self.column_label(t, m): format_reference(values.get((t, m)),
+                                                                     ref.get((t, m)))
                            for t, m in self.columns}
         return pd.DataFrame.from_dict(rows, orient="index")
 
-    def notes(self):
+    def ci_frame(self, decimals=1):
+        """The displayed table with, after each column, its means' 95% intervals (the CSV)."""
+        frame = self.frame(decimals)
+        for task, metric in reversed(self.columns):
+            label = self.column_label(task, metric)
+            cis = {ROW_LABEL.get(w, w): format_interval(s.ci, decimals) if s else "n/a"
+                   for w in self.weights for s in [self.stats.get((w, task, metric))]}
+            frame.insert(frame.columns.get_loc(label) + 1, f"{label} {CONFIDENCE:.0%} CI",
+                         [cis.get(row, "") for row in frame.index])
+        return frame
+
+    def notes(self, decimals=1):
         lines = ["Protocol: " + describe_protocol(t, p) for t, p in self.protocols.items()]
         lines.append("Cells: mean ± sample std (ddof=1) over seeds (n); (+d) = delta to the "
-                     "supervised row; * = Welch two-sided t-test p < 0.05 over seeds.")
-        lines += self.pvalue_lines()
+                     "supervised row; * = Welch two-sided t-test p < 0.05 over seeds"
+                     + ("; paper rows: (+d) = delta to the paper's supervised row."
+                        if paper_supervised_label(self.reference_rows) else "."))
+        lines += self.ci_lines(decimals)
+        lines += self.pvalue_lines(decimals)
         if self.scale != "full":
             lines.append(f"Scale '{self.scale}': NOT the paper's protocol; paper rows omitted.")
         for w, src in self.sources.items():
@@ -139,10 +219,24 @@ class Table:
         return lines
 
 
-    def pvalue_lines(self):
-        """Per column, one line: each row's Welch two-sided p-value against random init and
-        against supervised (the pair supervised / random once); rows without 2 complete
-        seeds on both sides are left out."""
+    def ci_lines(self, decimals=1):
+        """Per column, one line: each row's mean with its 95% interval (Student t over
+        seeds); rows of one seed have none."""
+        lines = []
+        for task, metric in self.columns:
+            parts = [f"{ROW_LABEL.get(w, w)} {s.mean:.{decimals}f} "
+                     f"{format_interval(s.ci, decimals)}"
+                     for w in self.weights for s in [self.stats.get((w, task, metric))]
+                     if s and s.ci]
+            if parts:
+                lines.append(f"{CONFIDENCE:.0%} CI of each mean (Student t over seeds, n - 1 "
+                             f"df), {self.column_label(task, metric)}: " + "; ".join(parts))
+        return lines
+
+    def pvalue_lines(self, decimals=1):
+        """Per column, one line: each row's difference to random init and to supervised, with
+        its 95% Welch interval and Welch two-sided p-value (the pair supervised / random
+        once); rows without 2 complete seeds on both sides are left out."""
         lines = []
         for task, metric in self.columns:
             parts = []
@@ -151,15 +245,19 @@ class Table:
                 # random: none (supervised's line holds the pair); supervised: random; others both
                 for base in (BASELINES[:BASELINES.index(w)] if w in BASELINES else BASELINES):
                     a, b = self.stats.get((w, task, metric)), self.stats.get((base, task, metric))
-                    p = welch_p(a.values, b.values) if a and b else None
-                    if p is not None:
-                        tests.append(f"{ROW_LABEL.get(base, base)} p = {p:.3g}")
-                if tests:
-                    parts.append(f"{ROW_LABEL.get(w, w)} vs " + ", ".join(tests))
+                    if a and b and welch_p(a.values, b.values) is not None:
+                        tests.append(f"{ROW_LABEL.get(w, w)} - {ROW_LABEL.get(base, base)} "
+                                     + format_difference(a.values, b.values, decimals))
+                parts += tests
             if parts:
-                lines.append(f"p-values (Welch, two-sided, over seeds), "
+                lines.append(f"p-values (Welch, two-sided, over seeds; difference of means, "
+                             f"its {CONFIDENCE:.0%} Welch interval), "
                              f"{self.column_label(task, metric)}: " + "; ".join(parts))
         return lines
+
+
+def protocol_known(protocol_json):
+    return bool(json.loads(protocol_json or "{}"))
 
 
 def build_tables(runs):
@@ -173,13 +271,16 @@ def build_tables(runs):
     runs["paper_table"] = runs["task"].map(titles)
     tables = []
     for (title, scale), group in runs.groupby(["paper_table", "scale"], sort=True):
-        # protocol variants per task, in order of first appearance (complete runs first)
+        # protocol variants per task, in order of first appearance (complete runs first); a
+        # run whose protocol is unknown (its files unreadable) makes no variant: it is listed
+        # under its task's first table, and in the status table
         ordered = group.sort_values(["state"], key=lambda s: s != "complete", kind="stable")
-        variants = {t: list(dict.fromkeys(g["protocol"])) for t, g in ordered.groupby("task")}
-        n_variants = max(len(v) for v in variants.values())
-        for v in range(n_variants):
+        known = ordered[ordered["protocol"].map(protocol_known)]
+        variants = {t: list(dict.fromkeys(g["protocol"])) for t, g in known.groupby("task")}
+        for v in range(max((len(ps) for ps in variants.values()), default=0)):
             protocols = {t: ps[v] for t, ps in variants.items() if v < len(ps)}
-            sel = group[[protocols.get(t) == p for t, p in zip(group["task"], group["protocol"])]]
+            sel = group[[protocols.get(t) == p or (v == 0 and not protocol_known(p))
+                         for t, p in zip(group["task"], group["protocol"])]]
             tables.append(_one_table(title + (f" [protocol variant {v + 1}]" if v else ""),
                                      scale, sel, protocols))
     return tables

@@ -90,7 +90,12 @@ def test_tables_from_a_run_tree(tree):
     assert frame.loc["moco", "bbox/AP"] == "51.0 ± 0.7 (2) (+0.0)"  # 50.5, 51.5 vs 50, 51, 52
     assert frame.loc["moco", "bbox/AP75"] == "60.0 ± 0.0 (2) (+5.0*)"  # exact, 0 spread
     assert frame.loc["random init", "bbox/AP50"] == "60.0 (1) (-21.0)"
-    assert frame.loc["paper: MoCo IN-1M", "bbox/AP"] == "55.9"
+    # the paper's rows carry their delta to the paper's supervised row, as the paper prints it
+    assert frame.loc["paper: MoCo IN-1M", "bbox/AP"] == "55.9 (+2.4)"  # 55.9 - 53.5
+    assert frame.loc["paper: supervised IN-1M", "bbox/AP"] == "53.5"
+    assert frame.loc["paper: random init", "bbox/AP50"] == "60.2 (-21.1)"  # 60.2 - 81.3
+    assert frame.loc["paper (MoCHi): MoCHi (256, 512, 0) 200ep", "bbox/AP50"] == \
+        "82.8 ± 0.2 (+1.5)"  # 82.8 - 81.3
     notes = "\n".join(main.notes())
     assert "moco / seed 3: diverged (FloatingPointError: Loss became NaN)" in notes
     assert "24000 iterations" in notes and "global batch 16" in notes and "ddof=1" in notes
@@ -230,12 +235,15 @@ def test_a_table_holds_several_methods_each_with_p_values_against_both_baselines
 
     line = next(n for n in table.notes() if n.startswith("p-values") and "bbox/AP50" in n)
     for w in ("moco_v2", "mochi_256_512_0"):
-        assert (f"{w} vs random init p = {welch(values[w], values['random']):.3g}, supervised "
-                f"p = {welch(values[w], values['supervised']):.3g}") in line
+        for base, label in (("random", "random init"), ("supervised", "supervised")):
+            assert f"{w} - {label} " in line and \
+                f"p = {welch(values[w], values[base]):.3g}" in line
     sup = welch(values["supervised"], values["random"])
-    assert f"supervised vs random init p = {sup:.3g}" in line
+    assert f"supervised - random init +20.0 [95% CI " in line and f"p = {sup:.3g}" in line
     assert line.count("p = ") == 5  # 2 methods x 2 baselines + supervised/random once
     # the published rows on this task: the MoCo paper's, then MoCHi's with epochs and (N, s, s')
-    assert frame.loc["paper: MoCo v2 200ep", "bbox/AP50"] == "82.4"
-    assert frame.loc["paper (MoCHi): MoCHi (256, 512, 0) 200ep", "bbox/AP50"] == "82.8 ± 0.2"
-    assert frame.loc["paper (MoCHi): MoCo-v2 (reproduced) 100ep", "bbox/AP75"] == "59.1 ± 0.3"
+    assert frame.loc["paper: MoCo v2 200ep", "bbox/AP50"] == "82.4 (+1.1)"
+    assert frame.loc["paper (MoCHi): MoCHi (256, 512, 0) 200ep", "bbox/AP50"] == \
+        "82.8 ± 0.2 (+1.5)"
+    assert frame.loc["paper (MoCHi): MoCo-v2 (reproduced) 100ep", "bbox/AP75"] == \
+        "59.1 ± 0.3 (+0.3)"  # 59.1 - 58.8

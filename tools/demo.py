@@ -38,7 +38,8 @@ from convert.to_detectron2 import main as convert_main
 from pretrain import engine, main_moco, main_supervised, synthetic
 from results.__main__ import main as results_main
 from results.collect import collect
-from results.tables import welch_p
+from results.report import slug
+from results.tables import format_difference
 from tools.demo_mechanisms import convert_all, parse_mechanisms, pretrain_mechanisms
 from tools.suite import main as suite_main
 from transfer.config import load_task_config
@@ -213,8 +214,11 @@ def run(args):
     with quiet_stdout(os.path.join(logs, "results.txt")) if quiet else \
             contextlib.nullcontext():
         results_main(["--runs", runs, "--out", results_dir, "--decimals", "2"])
-    print_table(os.path.join(results_dir, "results.md"), DEMO_TASK)
+    results_md = os.path.join(results_dir, "results.md")
+    print_section(results_md, lambda title: "synthetic" in title.lower())
     print_pvalues(runs, list(load_task_config(DEMO_TASK).MOCO_TRANSFER.METRICS))
+    print_section(results_md, lambda title: title == "## Cost")
+    curves = os.path.join(results_dir, "plots", f"{slug(DEMO_TASK + '_smoke')}_loss.png")
     took, c1 = time.time() - t0, os.times()
     cpu = (c1.user + c1.system + c1.children_user + c1.children_system
            - c0.user - c0.system - c0.children_user - c0.children_system)
@@ -223,14 +227,16 @@ def run(args):
         f"  pretraining   {os.path.join(out, 'pretrain')} (log.txt, metrics.json)\n"
         f"  weights       {weights_dir}\n"
         f"  transfer runs {runs} (per run: log.txt, metrics.json, results.json)\n"
-        f"  tables        {os.path.join(results_dir, 'results.md')}\n"
+        f"  tables        {os.path.join(results_dir, 'results.md')} (+ the cost table)\n"
+        f"  loss curves   {curves} (every iteration, each seed)\n"
         f"  report        {os.path.join(results_dir, 'report.html')}\n"
         f"  other output  {logs}")
     return rc
 
 
-def print_table(results_md, task):
-    """The demo task's section of results.md (the table, deltas and p-values), as written."""
+def print_section(results_md, wanted):
+    """The first section of results.md whose heading `wanted` accepts (the demo task's table
+    with its intervals and p-values; the cost table), as written."""
     try:
         text = open(results_md).read()
     except OSError:
@@ -238,7 +244,7 @@ def print_table(results_md, task):
         return
     lines = text.splitlines()
     start = next((i for i, line in enumerate(lines) if line.startswith("#")
-                  and "synthetic" in line.lower()), None)
+                  and wanted(line)), None)
     if start is None:
         print(text)
         return
@@ -248,9 +254,10 @@ def print_table(results_md, task):
 
 
 def print_pvalues(runs_root, metrics):
-    """Welch's two-sided p-values between the arms, one line per metric (the task's main metric
-    first), with the results package's own test (results.tables.welch_p; the table's deltas
-    are to supervised only)."""
+    """Each difference between the arms with its 95% Welch interval and Welch's two-sided
+    p-value, one line per metric (the task's main metric first), with the results package's
+    own statistics (results.tables.format_difference; the table's deltas are to supervised
+    only)."""
     df = collect(runs_root)
     done = df[df["state"] == "complete"]
     for i, metric in enumerate(metrics):
@@ -258,10 +265,8 @@ def print_pvalues(runs_root, metrics):
                 for w in ("moco", "supervised", "random")}
         parts = []
         for a, b in (("moco", "random"), ("supervised", "random"), ("moco", "supervised")):
-            p = welch_p(vals[a], vals[b])
             if vals[a] and vals[b]:
-                d = sum(vals[a]) / len(vals[a]) - sum(vals[b]) / len(vals[b])
-                parts.append(f"{a} - {b}: {d:+.2f}, p = " + ("n/a" if p is None else f"{p:.3g}"))
+                parts.append(f"{a} - {b}: {format_difference(vals[a], vals[b], 2)}")
         say(f"Welch two-sided p-values over seeds, {metric}"
             + (" (the task's main metric)" if i == 0 else "") + ": " + "; ".join(parts))
 

@@ -5,7 +5,9 @@
         status.json      state: running | complete | failed | diverged | interrupted, and why
         results.json     the final evaluation: flat metrics + everything the tables need
                          (paper table, description, metrics wanted, protocol, weights hash)
-        metrics.json     detectron2's per-iteration training log (JSON lines)
+                         and what the run cost (``cost``: transfer/cost.py)
+        metrics.json     detectron2's training log, one JSON line per iteration (every
+                         iteration, losses unsmoothed: trainer.metrics_writer)
         log.txt, model_*.pth, last_checkpoint
 
 ``results/`` reads these files back (``results/collect.py``) and imports nothing from here.
@@ -109,11 +111,26 @@ def write_stopped_if_running(cfg, error):
     write_stopped(cfg, error)
 
 
-def write_results(cfg, results):
-    """results.json, then status.json complete; returns the flat metrics."""
+def read_metrics(path):
+    """The records of a metrics.json (JSON lines; a line cut by a kill is skipped)."""
+    if not os.path.isfile(path):
+        return []
+    records = []
+    with open(path) as f:
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                continue
+    return records
+
+
+def write_results(cfg, results, cost=None):
+    """results.json (with `cost`, transfer/cost.py), then status.json complete; returns the
+    flat metrics."""
     flat = flatten_results(results)
     record = run_record(cfg, state="complete", finished=time.time(), metrics=flat,
-                        results=results)
+                        results=results, **({"cost": cost} if cost is not None else {}))
     _write(record, cfg, RESULTS_FILE)
     _write(record, cfg, STATUS_FILE)
     return flat

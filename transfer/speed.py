@@ -10,8 +10,9 @@ Trainer only calls them.
 - ``foreach_sgd``: SGD's multi-tensor update (``foreach``). PyTorch turns it on by default on
   CUDA only; on a CPU the per-tensor loop over ~200 tensors costs ~10% of a small-model step.
   Same arithmetic, the same updates.
-- ``writer_period``: detectron2's writers (console line, metrics.json, TensorBoard) every
-  20 iterations, its default, or every iteration for runs shorter than 40 iterations.
+- ``writer_period``: detectron2's console line and TensorBoard every 20 iterations, its
+  default, or every iteration for runs shorter than 40 iterations (metrics.json gets every
+  iteration whatever the period: trainer.metrics_writer).
 - ``data_workers``: no data-loader workers for small images on a CPU: decoding and
   augmenting a ~128 px image takes about a millisecond, while two worker processes compete
   with the main process' intra-op threads for the same cores.

@@ -19,6 +19,7 @@ environment. SOLVER.IMS_PER_BATCH is the global batch whatever the process count
 import json
 import logging
 import os
+import time
 
 import detectron2.utils.comm as comm
 from detectron2.engine import default_argument_parser, default_setup
@@ -26,7 +27,7 @@ from detectron2.utils.logger import setup_logger
 
 from convert import finite, safe_load, zoo
 from convert.runtime import add_process_flags, apply_omp_wait_policy, entry_point
-from transfer import run_dir
+from transfer import cost, run_dir
 from transfer.config import diff_configs, setup_cfg
 from transfer.configs import task_config_path
 from transfer.console import add_console_flags, console_from_args, quiet_run
@@ -64,6 +65,7 @@ def print_dry_run(args, world_size):
 
 def main(args):
     """One process's part of the run (every process runs it)."""
+    t0 = time.time()
     cfg = resolve(args, comm.get_world_size())
     check_datasets(list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST))
     default_setup(cfg, args)
@@ -75,18 +77,23 @@ def main(args):
     # quiet console: logs to the run's files, a progress bar
     with quiet_run(cfg, console):
         try:
+            start_iter = 0
             if args.eval_only:
                 results = Trainer.evaluate_saved(cfg)
             else:
                 trainer = Trainer(cfg, console)
                 trainer.resume_or_load(resume=True)
+                start_iter = trainer.start_iter
                 results = trainer.train()
+            peak_memory = cost.gather_peak_memory(cfg.MODEL.DEVICE)  # every process
         except BaseException as e:
             if comm.is_main_process():
                 run_dir.write_stopped(cfg, e)
             raise
     if comm.is_main_process():
-        flat = run_dir.write_results(cfg, results)
+        records = run_dir.read_metrics(os.path.join(cfg.OUTPUT_DIR, run_dir.METRICS_FILE))
+        flat = run_dir.write_results(cfg, results, cost=cost.cost_record(
+            cfg, time.time() - t0, peak_memory, records, start_iter))
         logger.info("results: %s", json.dumps(flat))
     return results
 

@@ -18,6 +18,7 @@ from detectron2.data import build_detection_test_loader
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, hooks
 from detectron2.engine.defaults import create_ddp_model
 from detectron2.evaluation import verify_results
+from detectron2.utils.events import CommonMetricPrinter, JSONWriter, TensorboardXWriter
 
 from transfer import sampling, speed
 from transfer.checkpoint import TransferCheckpointer
@@ -82,8 +83,9 @@ class Trainer(DefaultTrainer):
         """DefaultTrainer's hooks in its order, built here rather than replaced after the fact:
         per-iteration seeds first; PreciseBN with the global batch's statistics on its own
         deterministic stream (precise_bn.py), before the checkpointer so that the saved
-        weights carry them; the evaluation keeps its results (``eval_results``); the writers
-        every ``speed.writer_period`` iterations; the quiet console's progress."""
+        weights carry them; the evaluation keeps its results (``eval_results``); metrics.json
+        every iteration (``metrics_writer``), the console line and TensorBoard every
+        ``speed.writer_period`` iterations; the quiet console's progress."""
         cfg = self.cfg
         hook_list = [sampling.SeedEachIteration(cfg.SEED), hooks.IterationTimer(),
                      hooks.LRScheduler()]
@@ -98,14 +100,25 @@ class Trainer(DefaultTrainer):
         hook_list.append(hooks.EvalHook(cfg.TEST.EVAL_PERIOD, self.evaluate))
         if comm.is_main_process():
             # the progress bar (or the suite's progress file) belongs to the main process
-            hook_list += [hooks.PeriodicWriter(self.build_writers(),
+            hook_list += [self.metrics_writer(),
+                          hooks.PeriodicWriter(self.build_writers(),
                                                period=self.writer_period()),
                           *progress_hooks(cfg, self.console)]
         return hook_list
 
     def writer_period(self):
-        """Iterations between two writes of the console line, metrics.json and TensorBoard."""
+        """Iterations between two writes of the console line and TensorBoard."""
         return speed.writer_period(self.cfg)
+
+    def build_writers(self):
+        """detectron2's default writers but metrics.json (``metrics_writer``)."""
+        return [CommonMetricPrinter(self.max_iter), TensorboardXWriter(self.cfg.OUTPUT_DIR)]
+
+    def metrics_writer(self):
+        """metrics.json: one record per iteration, each loss as that iteration computed it
+        (window 1: no median over the last 20), whatever the console's period: the curves
+        (results/report.py) and the cost (transfer/cost.py) read every iteration."""
+        return metrics_writer(self.cfg.OUTPUT_DIR)
 
     def evaluate(self):
         """The evaluation hook's call: evaluate on the test sets and keep the results."""
@@ -157,3 +170,9 @@ class Trainer(DefaultTrainer):
         checkpointer = cls.checkpointer_for(model, cfg)
         checkpointer.load(checkpointer.readable_checkpoint() or cfg.MODEL.WEIGHTS)
         return cls.test(cfg, model)
+
+
+def metrics_writer(output_dir):
+    """The hook that appends every iteration's scalars, unsmoothed, to <output_dir>/metrics.json."""
+    return hooks.PeriodicWriter([JSONWriter(os.path.join(output_dir, METRICS_FILE),
+                                            window_size=1)], period=1)
