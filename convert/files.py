@@ -46,3 +46,18 @@ def sha256_of(path):
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def read_json_lines(path):
+    """The records of a JSON-lines file (detectron2's metrics.json): [] when it does not exist; a
+    line that is not JSON (cut by a kill) is skipped."""
+    if not os.path.isfile(path):
+        return []
+    records = []
+    with open(path) as f:
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                continue
+    return records

@@ -5,6 +5,8 @@ import os
 
 import pandas as pd
 
+from convert.files import read_json_lines
+
 STATES_IN_MEANS = ("complete",)
 
 
@@ -30,17 +32,7 @@ def read_record(path):
 
 def metrics_records(run_dir):
     """The JSON lines of detectron2's metrics.json (malformed lines skipped)."""
-    path = os.path.join(run_dir, "metrics.json")
-    if not os.path.exists(path):
-        return []
-    records = []
-    with open(path) as f:
-        for line in f:
-            try:
-                records.append(json.loads(line))
-            except ValueError:
-                continue
-    return records
+    return read_json_lines(os.path.join(run_dir, "metrics.json"))
 
 
 def last_iteration(run_dir):

@@ -17,7 +17,7 @@ import os
 import time
 import traceback
 
-from convert.files import write_json_atomic
+from convert.files import read_json_lines, write_json_atomic
 
 STATUS_FILE = "status.json"
 RESULTS_FILE = "results.json"
@@ -113,16 +113,7 @@ def write_stopped_if_running(cfg, error):
 
 def read_metrics(path):
     """The records of a metrics.json (JSON lines; a line cut by a kill is skipped)."""
-    if not os.path.isfile(path):
-        return []
-    records = []
-    with open(path) as f:
-        for line in f:
-            try:
-                records.append(json.loads(line))
-            except ValueError:
-                continue
-    return records
+    return read_json_lines(path)
 
 
 def write_results(cfg, results, cost=None):
