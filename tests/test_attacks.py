@@ -425,7 +425,8 @@ def test_plain_data_of_the_wrong_shape_is_one_line(tmp_path, r18, labeled_images
 
 
 def test_results_json_that_is_a_list_or_nested_deep_raises_nothing(tmp_path):
-    """Only that nothing raises (how the tables show an unreadable run is the readers')."""
+    """Nothing raises; a results.json that is not the run's record (a list, nested 200k deep)
+    is an unreadable run, with the reason (results/collect.py's status table)."""
     from results.__main__ import main
     from results.collect import collect
 
@@ -436,8 +437,12 @@ def test_results_json_that_is_a_list_or_nested_deep_raises_nothing(tmp_path):
         run = runs / "task" / "random" / f"seed{seed}"
         run.mkdir(parents=True)
         (run / "results.json").write_text(text)
-    outcome = isolated(lambda: collect(str(runs)).state.tolist(), ATTACK_SECONDS, ATTACK_MB)
-    assert outcome.value == ["incomplete", "incomplete", "failed", "complete"], outcome
+    outcome = isolated(lambda: collect(str(runs))[["state", "reason"]].values.tolist(),
+                       ATTACK_SECONDS, ATTACK_MB)
+    states = [state for state, _ in outcome.value]
+    assert states == ["unreadable", "unreadable", "failed", "complete"], outcome
+    assert "holds a JSON list" in outcome.value[0][1]
+    assert "nested too deep" in outcome.value[1][1]
     report = isolated(lambda: main(["--runs", str(runs), "--out", str(tmp_path / "out")]), 30,
                       500)
     assert report.ended == "returned" and report.value == 0, report
