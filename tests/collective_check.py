@@ -117,6 +117,25 @@ class Placement(TorchFunctionMode):
         return out
 
 
+# detectron2 v0.6's comm.all_gather/gather (evaluation, the run's cost) take their group from
+# comm._get_global_gloo_group(): a new gloo group where the default backend is NCCL (a CUDA run),
+# the default group elsewhere. On a CUDA run their collectives are therefore gloo's.
+D2_GLOO_GATHERS = ("all_gather", "gather")
+
+
+def in_detectron2_gloo_gather():
+    """Whether the collective is made inside detectron2's comm.all_gather/gather, called
+    without a group of its own (it then uses _get_global_gloo_group: D2_GLOO_GATHERS)."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        code = frame.f_code
+        if code.co_name in D2_GLOO_GATHERS and code.co_filename.replace(os.sep, "/").endswith(
+                "detectron2/utils/comm.py"):
+            return frame.f_locals.get("group") is dist.group.WORLD
+        frame = frame.f_back
+    return False
+
+
 def caller():
     """The innermost frame of project code (not torch's, not this module's)."""
     for frame in reversed(traceback.extract_stack()[:-2]):
@@ -161,7 +180,7 @@ def install(out_dir):
         if group is None:
             group = next((a for a in args if isinstance(a, dist.ProcessGroup)), None)
         backend = cuda_backend.get(id(group)) if group is not None else None
-        backend = backend or backend_for("cuda")
+        backend = backend or ("gloo" if in_detectron2_gloo_gather() else backend_for("cuda"))
         for t in tree_flatten((args, kwargs))[0]:
             if not isinstance(t, torch.Tensor):
                 continue

@@ -88,8 +88,10 @@ def test_peak_memory_is_gathered_from_every_process(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = str(tmp_path / "gathered.json")
+    # spawned, not forked: a fork of a process whose OpenMP threads already ran (the rest of the
+    # suite) can deadlock in the child
     mp.start_processes(_gather_worker, args=(port, [0, 400], out), nprocs=2,
-                       start_method="fork")
+                       start_method="spawn")
     gathered = json.load(open(out))
     assert len(gathered) == 2  # one number per process, in rank order
     assert gathered[1] - gathered[0] > 300  # rank 1 held 400 MiB more

@@ -40,6 +40,21 @@ def peak_memory_mb(device):
     """This process' peak memory on `device`, in MiB."""
     if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated(torch.device(device)) / 2 ** 20
+    return host_peak_rss_mb()
+
+
+def host_peak_rss_mb():
+    """This process' resident-set high-water mark, in MiB: VmHWM of /proc/self/status, which is
+    this process image's own. (ru_maxrss also counts what the process held before its exec: a
+    worker spawned by a 1 GB parent would report at least 1 GB.) ru_maxrss where there is no
+    /proc."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
