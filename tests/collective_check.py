@@ -140,7 +140,8 @@ def caller():
     """The innermost frame of project code (not torch's, not this module's)."""
     for frame in reversed(traceback.extract_stack()[:-2]):
         path = os.path.abspath(frame.filename)
-        if path.startswith(ROOT) and path != os.path.abspath(__file__):
+        if path.startswith(ROOT) and "site-packages" not in path.split(os.sep) and \
+                path != os.path.abspath(__file__):
             return f"{os.path.relpath(path, ROOT)}:{frame.lineno} {frame.name}"
     frame = traceback.extract_stack()[-4]
     return f"{frame.filename}:{frame.lineno} {frame.name}"
