@@ -5,6 +5,7 @@ root is laid out from them with symbolic links and exported as DETECTRON2_DATASE
 detectron2 registers its builtin datasets. Without ../shared only the tests that need it skip.
 """
 import os
+import shutil
 import sys
 import tempfile
 
@@ -28,6 +29,12 @@ if HAVE_SHARED:
 requires_shared = pytest.mark.skipif(
     not HAVE_SHARED,
     reason=f"needs the real samples in {SHARED_DATA} (../shared/data beside the checkout)")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The session's dataset root goes with it (links to ../shared and files the tests laid out
+    there; one was left in the temporary folder per run)."""
+    shutil.rmtree(_DATASET_ROOT, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
