@@ -55,3 +55,17 @@ def labeled_images(tmp_path_factory):
         Image.fromarray((rng.random((40, 40, 3)) * 255).astype(np.uint8)).save(
             root / f"c{i % 2}" / f"{i}.png")
     return str(root)
+
+
+@pytest.fixture
+def marker(tmp_path):
+    """A file an attack's payload would create: it must never appear."""
+    return tmp_path / "payload_ran"
+
+
+@pytest.fixture(scope="module")
+def r18():
+    """A torchvision ResNet-18's state dict (real checkpoint content)."""
+    import torchvision
+
+    return torchvision.models.resnet18().state_dict()

@@ -119,16 +119,6 @@ def train_net(*argv):
     return run
 
 
-@pytest.fixture
-def marker(tmp_path):
-    return tmp_path / "payload_ran"
-
-
-@pytest.fixture(scope="module")
-def r18():
-    return torchvision.models.resnet18().state_dict()
-
-
 def converted_pkl(path, r18, **meta):
     """A converted .pkl (convert/to_detectron2.py's layout: model, __author__, moco_transfer)
     with one stem tensor and its metadata changed."""

@@ -33,16 +33,6 @@ class Payload:
         return os.system, (f"touch {shlex.quote(self.marker)}",)
 
 
-@pytest.fixture
-def marker(tmp_path):
-    return tmp_path / "payload_ran"
-
-
-@pytest.fixture(scope="module")
-def r18():
-    return torchvision.models.resnet18().state_dict()
-
-
 def evil_moco(r18, marker, path):
     """A complete MoCo ResNet-18 checkpoint that also carries the payload."""
     state = {f"module.encoder_q.{k}": v for k, v in r18.items()}
