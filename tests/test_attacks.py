@@ -18,7 +18,6 @@ import zipfile
 import numpy as np
 import pytest
 import torch
-import torchvision
 from numpy.core.multiarray import _reconstruct, scalar
 
 from convert import safe_load
